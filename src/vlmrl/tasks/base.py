@@ -1,0 +1,93 @@
+"""What every task gives the rest of the pipeline: prompt text, action words and an expert.
+
+A task pairs a Gymnasium environment (registered as ``vlmrl/<Name>-v0``) with the text around it.
+Everything here reads only the env's ``info`` dict, never the env object, so prompts, experts and
+demonstrations work the same for a live env, a vectorised one or a stored transition.
+
+The response format follows RL4VLM: one JSON object whose chain-of-thought fields come first (the
+state the agent reads from the image, then ``"thoughts"``) and whose last field is ``"action"``.
+The action-only variant (``cot=False``, the paper's ablation) keeps just ``"action"``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import gymnasium as gym
+
+Info = dict[str, Any]
+
+
+class Task:
+    """Base class: subclasses set the class attributes and the four methods marked below."""
+
+    #: short name used on the command line, e.g. "NumberLine"
+    name: str = ""
+    #: registered Gymnasium id, e.g. "vlmrl/NumberLine-v0"
+    env_id: str = ""
+    #: what the agent must do, in a few sentences (goes at the top of the prompt)
+    description: str = ""
+    #: action index -> the word the model writes in the "action" field
+    action_words: tuple[str, ...] = ()
+    #: (field name, hint) for each piece of state the agent reads from the observation
+    state_fields: tuple[tuple[str, str], ...] = ()
+
+    # --- per task -------------------------------------------------------------------------------
+    def read_state(self, info: Info) -> tuple[str, ...]:
+        """The true values of ``state_fields`` for this observation, as text."""
+        raise NotImplementedError
+
+    def expert_action(self, info: Info) -> int:
+        """The action index a perfect agent takes here."""
+        raise NotImplementedError
+
+    def thoughts(self, info: Info, action: int) -> str:
+        """One or two sentences that reason from the state to ``action``."""
+        raise NotImplementedError
+
+    def info_text(self, info: Info) -> str:
+        """State given to the agent as text beside the image (e.g. the current formula); may be ''."""
+        return ""
+
+    # --- shared ----------------------------------------------------------------------------------
+    def legal_actions(self, info: Info) -> Sequence[str]:
+        """The words that are legal now; fixed for the card tasks, per step for ALFWorld."""
+        return self.action_words
+
+    def make_env(self, **kwargs: Any) -> gym.Env:
+        return gym.make(self.env_id, **kwargs)
+
+    def prompt(self, info: Info, cot: bool = True) -> str:
+        """The user message for one step (the image is attached separately by the policy)."""
+        words = ", ".join(f'"{w}"' for w in self.legal_actions(info))
+        fields: dict[str, str] = {}
+        if cot:
+            fields.update({name: hint for name, hint in self.state_fields})
+            fields["thoughts"] = "<reason step by step from the state to the action>"
+        fields["action"] = f"<one of {words}>"
+        lines = [f"You are playing {self.name}. {self.description}"]
+        extra = self.info_text(info)
+        if extra:
+            lines.append(extra)
+        lines.append("Answer with one JSON object and nothing else, in this format:")
+        lines.append(_to_json(fields))
+        return "\n".join(lines)
+
+    def response(self, info: Info, action: int, cot: bool = True) -> str:
+        """The answer a perfect reader writes when it takes ``action`` (used for demonstrations)."""
+        fields: dict[str, str] = {}
+        if cot:
+            names = [name for name, _ in self.state_fields]
+            fields.update(zip(names, self.read_state(info)))
+            fields["thoughts"] = self.thoughts(info, action)
+        fields["action"] = self.legal_actions(info)[action]
+        return _to_json(fields)
+
+    def expert_response(self, info: Info, cot: bool = True) -> str:
+        return self.response(info, self.expert_action(info), cot)
+
+
+def _to_json(fields: dict[str, str]) -> str:
+    # ensure_ascii=False keeps symbols like "*" and "÷" readable for the tokenizer.
+    return json.dumps(fields, ensure_ascii=False)
