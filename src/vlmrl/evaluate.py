@@ -1,0 +1,201 @@
+"""Held-out evaluation: play seeded episodes with any policy that writes text, report honest numbers.
+
+Every policy, the random and expert baselines included, answers with text that goes through the same
+parser as a model's, so the invalid-action rate means the same thing for all of them. Success is an
+episode return > 0, as in RL4VLM. Held-out episodes use seeds from ``HELD_OUT_SEED_BASE`` up, a range
+that training and SFT never draw from, so evaluation never replays a training episode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vlmrl.metrics import wilson_interval
+from vlmrl.tasks import Task
+from vlmrl.tasks.parsing import parse_action
+
+# Training and SFT seed their environments below this; evaluation episode i of seed s uses
+# HELD_OUT_SEED_BASE + s * HELD_OUT_STRIDE + i.
+HELD_OUT_SEED_BASE = 1_000_000_000
+HELD_OUT_STRIDE = 1_000_000
+
+
+def held_out_seed(seed: int, episode: int) -> int:
+    return HELD_OUT_SEED_BASE + seed * HELD_OUT_STRIDE + episode
+
+
+class TextPolicy(Protocol):
+    """Anything that answers a batch of observations with response texts."""
+
+    name: str
+
+    def act(self, observations: Sequence[Any], infos: Sequence[dict]) -> list[str]: ...
+
+
+class RandomPolicy:
+    """Uniformly random legal action, written in the task's answer format (always parses)."""
+
+    name = "random"
+
+    def __init__(self, task: Task, seed: int = 0, cot: bool = False):
+        self.task, self.cot = task, cot
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, observations, infos):
+        return [
+            self.task.response(info, int(self.rng.integers(len(self.task.legal_actions(info)))), self.cot)
+            for info in infos
+        ]
+
+
+class ExpertPolicy:
+    """The task's expert: the upper baseline, and the source of demonstrations."""
+
+    name = "expert"
+
+    def __init__(self, task: Task, cot: bool = True):
+        self.task, self.cot = task, cot
+
+    def act(self, observations, infos):
+        return [self.task.expert_response(info, self.cot) for info in infos]
+
+
+@dataclass
+class EvalResult:
+    task: str
+    policy: str
+    episodes: int
+    success_rate: float
+    success_ci95: tuple[float, float]
+    mean_return: float
+    invalid_action_rate: float
+    mean_episode_length: float
+    # success per group (ALFWorld: per task type), {group: {"episodes", "success_rate"}}
+    by_group: dict[str, dict[str, float]] = field(default_factory=dict)
+    # a few (prompt, response, reward) examples for people to read
+    samples: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["success_ci95"] = list(self.success_ci95)
+        d.pop("samples")
+        if not self.by_group:
+            d.pop("by_group")
+        return d
+
+    def table(self) -> str:
+        lo, hi = self.success_ci95
+        rows = [
+            ("task", self.task),
+            ("policy", self.policy),
+            ("episodes", str(self.episodes)),
+            ("success rate", f"{100 * self.success_rate:.1f}%  (95% CI {100 * lo:.1f}-{100 * hi:.1f})"),
+            ("mean return", f"{self.mean_return:.3f}"),
+            ("invalid action rate", f"{100 * self.invalid_action_rate:.1f}%"),
+            ("mean episode length", f"{self.mean_episode_length:.2f}"),
+        ]
+        for group, g in sorted(self.by_group.items()):
+            rows.append((f"  {group}", f"{100 * g['success_rate']:.1f}% of {int(g['episodes'])}"))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def evaluate(
+    task: Task,
+    policy: TextPolicy,
+    episodes: int,
+    seed: int = 0,
+    num_envs: int = 1,
+    env_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+    keep_samples: int = 3,
+) -> EvalResult:
+    """Play ``episodes`` held-out episodes, ``num_envs`` at a time (one batched ``act`` per step).
+
+    Episode i is reset with ``held_out_seed(seed, i)`` and parsed with a generator of the same seed,
+    so the result does not depend on ``num_envs`` for deterministic policies.
+    """
+    if episodes <= 0:
+        raise ValueError("episodes must be positive")
+    envs = [task.make_env(**(env_kwargs or {})) for _ in range(min(num_envs, episodes))]
+    returns: list[float] = []
+    lengths: list[int] = []
+    groups: list[str | None] = []
+    invalid = steps = 0
+    samples: list[dict[str, Any]] = []
+
+    # slot state: (episode index, obs, info, return, length, parser rng)
+    next_episode = 0
+    slots: list[dict[str, Any] | None] = [None] * len(envs)
+
+    def start(k: int) -> None:
+        nonlocal next_episode
+        if next_episode >= episodes:
+            slots[k] = None
+            return
+        s = held_out_seed(seed, next_episode)
+        obs, info = envs[k].reset(seed=s)
+        slots[k] = {"obs": obs, "info": info, "ret": 0.0, "len": 0, "rng": np.random.default_rng(s)}
+        next_episode += 1
+
+    for k in range(len(envs)):
+        start(k)
+    bar = tqdm(total=episodes, desc=f"eval {task.name} [{policy.name}]", disable=not progress, leave=False)
+    try:
+        while any(slots):
+            active = [k for k, s in enumerate(slots) if s is not None]
+            texts = policy.act([slots[k]["obs"] for k in active], [slots[k]["info"] for k in active])
+            for k, text in zip(active, texts):
+                slot = slots[k]
+                words = task.legal_actions(slot["info"])
+                parsed = parse_action(text, words, slot["rng"])
+                obs, reward, terminated, truncated, info = envs[k].step(parsed.action)
+                if len(samples) < keep_samples:
+                    samples.append({"prompt": task.prompt(slot["info"]), "response": text, "reward": float(reward)})
+                invalid += not parsed.valid
+                steps += 1
+                slot.update(obs=obs, info=info, ret=slot["ret"] + float(reward), len=slot["len"] + 1)
+                if terminated or truncated:
+                    returns.append(slot["ret"])
+                    lengths.append(slot["len"])
+                    groups.append(info.get("task_type"))
+                    bar.update(1)
+                    start(k)
+    finally:
+        bar.close()
+        for env in envs:
+            env.close()
+
+    wins = [r > 0 for r in returns]
+    by_group: dict[str, dict[str, float]] = {}
+    if any(g is not None for g in groups):
+        for g in sorted({g for g in groups if g is not None}):
+            w = [win for win, gg in zip(wins, groups) if gg == g]
+            by_group[g] = {"episodes": len(w), "success_rate": float(np.mean(w))}
+    return EvalResult(
+        task=task.name,
+        policy=policy.name,
+        episodes=len(returns),
+        success_rate=float(np.mean(wins)),
+        success_ci95=wilson_interval(sum(wins), len(wins)),
+        mean_return=float(np.mean(returns)),
+        invalid_action_rate=invalid / max(steps, 1),
+        mean_episode_length=float(np.mean(lengths)),
+        by_group=by_group,
+        samples=samples,
+    )
+
+
+def write_json(result: EvalResult, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    tmp.replace(path)
