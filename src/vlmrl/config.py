@@ -1,0 +1,389 @@
+"""Run configuration: dataclasses with the paper's defaults, and a strict loader.
+
+``load_config(TrainConfig, "run.toml", {"ppo.lr": 1e-4})`` reads a dict or a .json/.toml/.yaml file,
+applies overrides (dotted keys or nested dicts), and checks every key, type and range, raising
+``UserError`` with the field's full name and what to do. ``to_dict`` gives the resolved config back
+as plain data to save beside a run. Defaults follow RL4VLM (Zhai et al., 2024) and its code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from vlmrl.errors import UserError
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters (one update = ``epochs`` passes over one rollout)."""
+
+    # Adam learning rate at the start (paper: 1e-5).
+    lr: float = 1e-5
+    # Learning rate at the end of the cosine schedule (paper: 1e-9).
+    end_lr: float = 1e-9
+    # "cosine" from lr to end_lr (paper) or "constant" at lr.
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    # Updates the cosine spans, then stays at end_lr; None: all of total_updates (paper NumberLine: 25).
+    lr_schedule_updates: int | None = None
+    # Adam epsilon (paper's code: 1e-7).
+    adam_eps: float = 1e-7
+    # AdamW weight decay (paper: 0).
+    weight_decay: float = 0.0
+    # Policy ratio clip epsilon (paper: 0.1).
+    clip: float = 0.1
+    # The value may move at most this far from its rollout value per update; None: no clipping
+    # (paper's code clips with the policy clip, 0.1).
+    value_clip: float | None = 0.1
+    # PPO epochs over each rollout (paper: 4).
+    epochs: int = 4
+    # Transitions per forward/backward pass (paper: 1, a 7B model per GPU).
+    minibatch_size: int = 1
+    # Minibatches whose gradients add up to one optimizer step (paper: 128).
+    grad_accum_steps: int = 128
+    # Discount factor (paper: 0.9).
+    gamma: float = 0.9
+    # GAE lambda (paper: 0.95).
+    gae_lambda: float = 0.95
+    # Weight of the chain-of-thought tokens' log-prob in the action log-prob (paper's lambda: 0.5).
+    thought_weight: float = 0.5
+    # Weight of the value loss (paper: 0.5).
+    value_coef: float = 0.5
+    # Gradient norm clip (paper: 0.01).
+    max_grad_norm: float = 0.01
+    # Weight of the entropy bonus (paper: 0, none in its loss).
+    ent_coef: float = 0.0
+    # Weight of the k3 KL penalty to the reference (initial) policy (paper: 0).
+    kl_coef: float = 0.0
+    # Stop an update's epochs early once approx_kl exceeds this; None: never.
+    target_kl: float | None = None
+    # Subtracted from the reward of a step whose response did not parse to a legal action (0: off).
+    invalid_action_penalty: float = 0.0
+    # Normalise advantages over the whole rollout before the epochs (paper's code: yes).
+    normalize_advantages: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """One PPO training run."""
+
+    # Task name: NumberLine, EZPoints, Points24, Blackjack or ALFWorld.
+    task: str = "NumberLine"
+    # Local folder of a Hugging Face model + processor (e.g. an SFT checkpoint).
+    model: str = ""
+    # Parallel environments; the policy samples one batch of num_envs responses per step.
+    num_envs: int = 4
+    # Steps per environment per update; num_envs * num_steps transitions per update (paper: 1 x 512).
+    num_steps: int = 128
+    # PPO updates in the run (paper NumberLine: 15000 env steps / 512 = 29).
+    total_updates: int = 29
+    # Seeds everything: envs, sampling, shuffling, model init.
+    seed: int = 1
+    # Chain-of-thought prompt and answer (the paper's method); False: action only (its ablation).
+    cot: bool = True
+    # Sampling temperature (paper: 0.2).
+    temperature: float = 0.2
+    # Nucleus sampling threshold; 1.0 samples from the full distribution.
+    top_p: float = 1.0
+    # Longest response sampled (paper: 256).
+    max_new_tokens: int = 256
+    # Run directory: config, metrics, checkpoints, samples.
+    out_dir: str = "runs/run"
+    # Save a checkpoint every this many updates (and at the end); 0: only at the end.
+    checkpoint_every: int = 1
+    # Checkpoints kept on disk (newest first).
+    keep_checkpoints: int = 3
+    # Minibatches with a non-finite loss are skipped; abort the run after this many.
+    max_nan_skips: int = 10
+    # Evaluate every this many updates; 0: never during training.
+    eval_every: int = 0
+    # Episodes per evaluation (paper: 200 for the card tasks).
+    eval_episodes: int = 200
+    # Write TensorBoard events under <out_dir>/tb.
+    tensorboard: bool = True
+    # Also log to Weights & Biases (needs `pip install wandb`).
+    wandb: bool = False
+    # Weights & Biases project and run name.
+    wandb_project: str = "vlmrl"
+    wandb_run: str | None = None
+    # Sample responses written to <out_dir>/samples.jsonl per update (0: none).
+    log_samples: int = 4
+    # The algorithm.
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+
+# --- range checks ---------------------------------------------------------------------------------
+# (field, test, requirement as the user reads it); None values pass (Optional fields).
+_CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
+    PPOConfig: [
+        ("lr", lambda v: v > 0, "> 0"),
+        ("end_lr", lambda v: v >= 0, ">= 0"),
+        ("lr_schedule_updates", lambda v: v >= 1, ">= 1"),
+        ("adam_eps", lambda v: v > 0, "> 0"),
+        ("weight_decay", lambda v: v >= 0, ">= 0"),
+        ("clip", lambda v: v > 0, "> 0"),
+        ("value_clip", lambda v: v > 0, "> 0 (or null for no clipping)"),
+        ("epochs", lambda v: v >= 1, ">= 1"),
+        ("minibatch_size", lambda v: v >= 1, ">= 1"),
+        ("grad_accum_steps", lambda v: v >= 1, ">= 1"),
+        ("gamma", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("gae_lambda", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("thought_weight", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("value_coef", lambda v: v >= 0, ">= 0"),
+        ("max_grad_norm", lambda v: v > 0, "> 0"),
+        ("ent_coef", lambda v: v >= 0, ">= 0"),
+        ("kl_coef", lambda v: v >= 0, ">= 0"),
+        ("target_kl", lambda v: v > 0, "> 0 (or null for no early stop)"),
+        ("invalid_action_penalty", lambda v: v >= 0, ">= 0 (it is subtracted from the reward)"),
+    ],
+    TrainConfig: [
+        ("task", lambda v: bool(v.strip()), "a task name"),
+        ("num_envs", lambda v: v >= 1, ">= 1"),
+        ("num_steps", lambda v: v >= 1, ">= 1"),
+        ("total_updates", lambda v: v >= 1, ">= 1"),
+        ("seed", lambda v: v >= 0, ">= 0"),
+        ("temperature", lambda v: v > 0, "> 0"),
+        ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("max_new_tokens", lambda v: v >= 1, ">= 1"),
+        ("checkpoint_every", lambda v: v >= 0, ">= 0"),
+        ("keep_checkpoints", lambda v: v >= 1, ">= 1"),
+        ("max_nan_skips", lambda v: v >= 0, ">= 0"),
+        ("eval_every", lambda v: v >= 0, ">= 0"),
+        ("eval_episodes", lambda v: v >= 1, ">= 1"),
+        ("log_samples", lambda v: v >= 0, ">= 0"),
+    ],
+}
+
+
+def _cross_checks(cfg: Any, prefix: str) -> list[str]:
+    """Rules between fields."""
+    problems = []
+    if isinstance(cfg, PPOConfig) and cfg.end_lr > cfg.lr:
+        problems.append(f"{prefix}end_lr ({cfg.end_lr}) must be <= {prefix}lr ({cfg.lr})")
+    if isinstance(cfg, TrainConfig):
+        batch = cfg.num_envs * cfg.num_steps
+        if cfg.ppo.minibatch_size > batch:
+            problems.append(f"{prefix}ppo.minibatch_size ({cfg.ppo.minibatch_size}) must be <= "
+                            f"num_envs * num_steps ({batch}), the transitions in one rollout")
+    return problems
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check the ranges of a config (and its nested configs); raise UserError naming every problem."""
+    problems = _problems(cfg, prefix)
+    if problems:
+        raise UserError("invalid config: " + "; ".join(problems))
+
+
+def _problems(cfg: Any, prefix: str) -> list[str]:
+    problems = []
+    for name, ok, requirement in _CHECKS.get(type(cfg), []):
+        value = getattr(cfg, name)
+        if value is not None and not ok(value):
+            problems.append(f"{prefix}{name} must be {requirement}, got {value!r}")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            problems += _problems(value, f"{prefix}{f.name}.")
+    return problems + _cross_checks(cfg, prefix)
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+def load_config(cls: type, source: Mapping[str, Any] | str | os.PathLike | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Any:
+    """Build ``cls`` (a config dataclass) from ``source`` then ``overrides``, fully checked.
+
+    Args:
+        cls: e.g. TrainConfig.
+        source: a dict, a path to a .json / .toml / .yaml / .yml file, or None for the defaults.
+        overrides: applied on top; keys may be dotted ("ppo.lr") or nested dicts ({"ppo": {...}}).
+    Raises:
+        UserError: unreadable file, unknown key, wrong type or out-of-range value.
+    """
+    data = _read_source(source)
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, str(key), value)
+    cfg = _build(cls, data, "")
+    validate(cfg)
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Command-line ``key=value`` pairs -> overrides; values read as JSON when they parse as JSON
+    (numbers, true/false, null, lists), else kept as text: ``["ppo.lr=1e-4", "task=Blackjack"]``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"override {item!r} is not key=value: write e.g. ppo.lr=1e-4")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None if text.strip().casefold() == "none" else text
+        out[key.strip()] = value
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain JSON-able data; ``load_config(type(cfg), to_dict(cfg)) == cfg``."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write ``to_dict(cfg)`` as indented JSON (atomically: tmp file + replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _read_source(source: Mapping[str, Any] | str | os.PathLike | None) -> dict[str, Any]:
+    if source is None:
+        return {}
+    if isinstance(source, Mapping):
+        return json.loads(json.dumps(source))  # a deep copy of plain data; never mutate the caller's
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found: check the path")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+        elif suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise UserError(f"{path} is YAML but PyYAML is not installed: "
+                                "pip install pyyaml, or use .json / .toml") from None
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        else:
+            raise UserError(f"config file {path} must end in .json, .toml, .yaml or .yml")
+    except UserError:
+        raise
+    except Exception as e:  # the parsers' own errors carry the line and column
+        raise UserError(f"cannot parse config file {path}: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a table of key = value, got a {type(data).__name__}")
+    return data
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if not isinstance(child, dict):
+            if child is not None:
+                raise UserError(f"override {key!r}: {'.'.join(parts[:i + 1])} is not a section")
+            child = node[part] = {}
+        node = child
+    if isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
+        for k, v in value.items():  # merge a nested dict into an existing section
+            _set_dotted(node[parts[-1]], str(k), v)
+    else:
+        node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(data, Mapping):
+        raise UserError(f"{where} must be a table of key = value, got {type(data).__name__} {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"unknown config key '{prefix}{key}'{hint}: valid keys in {where} are "
+                            f"{', '.join(fields)}")
+    kwargs = {name: _convert(hints[name], value, prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, name: str) -> Any:
+    """``value`` as type ``tp``, or UserError naming the field, the expected and the given type."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name + ".")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for member in args:
+            if member is type(None):
+                continue
+            try:
+                return _convert(member, value, name)
+            except UserError:
+                continue
+        raise _type_error(name, tp, value)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise UserError(f"config field {name!r} must be one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(name, tp, value)
+        inner = args[0] if args else Any
+        items = [_convert(inner, v, f"{name}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config field {name!r} has a type the loader does not handle: {tp}")
+    raise _type_error(name, tp, value)
+
+
+def _type_error(name: str, tp: Any, value: Any) -> UserError:
+    expected = _type_name(tp)
+    msg = f"config field {name!r} expects {expected}, got {type(value).__name__} ({value!r})"
+    if isinstance(value, str) and _looks_numeric(value):
+        msg += ": write it as a number without quotes (YAML reads 1e-5 as text; write 1.0e-5)"
+    return UserError(msg)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+__all__ = [
+    "PPOConfig", "TrainConfig", "load_config", "parse_overrides", "save_config", "to_dict", "validate",
+]
