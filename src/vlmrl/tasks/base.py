@@ -60,12 +60,13 @@ class Task:
 
     def prompt(self, info: Info, cot: bool = True) -> str:
         """The user message for one step (the image is attached separately by the policy)."""
-        words = ", ".join(f'"{w}"' for w in self.legal_actions(info))
+        # " | " rather than quotes: json.dumps would escape quotes inside the hint.
+        words = " | ".join(self.legal_actions(info))
         fields: dict[str, str] = {}
         if cot:
             fields.update({name: hint for name, hint in self.state_fields})
             fields["thoughts"] = "<reason step by step from the state to the action>"
-        fields["action"] = f"<one of {words}>"
+        fields["action"] = f"<one of: {words}>"
         lines = [f"You are playing {self.name}. {self.description}"]
         extra = self.info_text(info)
         if extra:
