@@ -1,0 +1,142 @@
+"""Per-token log-probs and the chain-of-thought / action split, as pure functions.
+
+RL4VLM scores a response as ``lambda * sum logp(CoT tokens) + sum logp(action tokens)``: the tokens
+before the last ``"action"`` key are the chain of thought, the key and everything after it the action.
+The split is found in the decoded text and mapped back to tokens through character offsets, so it
+works for any tokenizer (byte-level BPE, SentencePiece, ...) and never relies on particular token ids.
+
+Shapes: B = batch, T = response tokens (padded), V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Same key pattern as tasks/parsing.py: the parser reads the action after the LAST match.
+_ACTION_KEY = re.compile(r'"action"\s*:')
+
+
+def policy_logprobs(logits: torch.Tensor, temperature: float = 1.0, banned: Sequence[int] = ()) -> torch.Tensor:
+    """The policy's log-distribution: ``log_softmax(logits / temperature)`` with ``banned`` ids removed.
+
+    logits [..., V] -> [..., V] float32. ``temperature <= 0`` (greedy) is scored at temperature 1.
+    Banned ids (image placeholders) get -inf: sampling one would break the next forward pass.
+    """
+    scaled = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        scaled = scaled / temperature
+    if len(banned):
+        scaled = scaled.index_fill(-1, torch.as_tensor(list(banned), device=scaled.device), float("-inf"))
+    return F.log_softmax(scaled, dim=-1)
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, banned: Sequence[int] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each token and the entropy of each position under ``policy_logprobs``.
+
+    logits [B, T, V] (position t predicts tokens[:, t]), tokens [B, T] -> (logp [B, T], entropy [B, T]),
+    both float32.
+    """
+    logp_all = policy_logprobs(logits, temperature, banned)
+    logp = logp_all.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    # banned entries are -inf with probability 0: zero them so 0 * -inf does not give nan
+    finite = logp_all.masked_fill(torch.isinf(logp_all), 0.0)
+    entropy = -(logp_all.exp() * finite).sum(-1)
+    return logp, entropy
+
+
+def action_key_start(text: str) -> int | None:
+    """Character index where the last ``"action":`` key starts in ``text``, or None if there is none."""
+    matches = list(_ACTION_KEY.finditer(text))
+    return matches[-1].start() if matches else None
+
+
+def prefix_char_ends(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """``ends[t]`` = number of characters that ``ids[: t + 1]`` decode to (special tokens skipped).
+
+    Decoding every prefix is the tokenizer-independent way to get character offsets for a given id
+    sequence (re-tokenizing the text could split it differently from what was sampled). A prefix that
+    ends inside a multi-byte character decodes with a replacement char; the running max keeps the
+    ends non-decreasing.
+    """
+    ids = [int(i) for i in ids]
+    if not ids:
+        return []
+    texts = tokenizer.batch_decode(
+        [ids[: t + 1] for t in range(len(ids))], skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
+    ends, top = [], 0
+    for text in texts:
+        top = max(top, len(text))
+        ends.append(top)
+    return ends
+
+
+def token_at_char(char_ends: Sequence[int], pos: int) -> int:
+    """Index of the first token whose text reaches past character ``pos`` (the token containing it).
+
+    char_ends [T] non-decreasing; returns T when no token does (``pos`` beyond the text).
+    """
+    for t, end in enumerate(char_ends):
+        if end > pos:
+            return t
+    return len(char_ends)
+
+
+def action_boundary(text: str, char_ends: Sequence[int]) -> int:
+    """Number of leading CoT tokens: tokens before the one holding the last ``"action"`` key.
+
+    A token that straddles the key (e.g. ``, "`` merged with the opening quote) counts as action.
+    Without a key (an invalid answer) every token is CoT, so the whole text gets the lambda weight.
+    """
+    start = action_key_start(text)
+    if start is None:
+        return len(char_ends)
+    return token_at_char(char_ends, start)
+
+
+def cot_weights(boundaries: torch.Tensor, lengths: torch.Tensor, width: int, thought_weight: float) -> torch.Tensor:
+    """Per-token weights: ``thought_weight`` before the boundary, 1 from it on, 0 past the length.
+
+    boundaries [B], lengths [B] (left-aligned responses) -> weights [B, width] float32.
+    """
+    t = torch.arange(width, device=lengths.device).unsqueeze(0)
+    inside = t < lengths.unsqueeze(1)
+    weights = torch.where(t < boundaries.to(lengths.device).unsqueeze(1), thought_weight, 1.0)
+    return torch.where(inside, weights, 0.0).float()
+
+
+def right_to_left(x: torch.Tensor, lengths: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Move right-aligned rows to the left: row i's last ``lengths[i]`` entries become its first.
+
+    x [B, W], lengths [B] -> [B, W] with ``fill`` after each row's length.
+    """
+    width = x.shape[1]
+    t = torch.arange(width, device=x.device).unsqueeze(0)
+    src = (t + (width - lengths.to(x.device)).unsqueeze(1)).clamp(max=width - 1)
+    out = x.gather(1, src)
+    return out.masked_fill(t >= lengths.to(x.device).unsqueeze(1), fill)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the True/1 entries of mask along the last dim: [B, T], [B, T] -> [B] (0 if empty)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+__all__ = [
+    "action_boundary",
+    "action_key_start",
+    "cot_weights",
+    "masked_mean",
+    "policy_logprobs",
+    "prefix_char_ends",
+    "right_to_left",
+    "token_at_char",
+    "token_logprobs",
+]
