@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from vlmrl.evaluate import ExpertPolicy, RandomPolicy, evaluate, held_out_seed
+from vlmrl.rollout.collect import training_seed
+from vlmrl.tasks import get_task
+
+
+def test_expert_wins_numberline_and_the_result_does_not_depend_on_batching():
+    task = get_task("NumberLine")
+    one = evaluate(task, ExpertPolicy(task), 40, seed=3, num_envs=1, progress=False)
+    many = evaluate(task, ExpertPolicy(task), 40, seed=3, num_envs=7, progress=False)
+    assert one.success_rate == 1.0 and one.invalid_action_rate == 0.0
+    assert one.to_json() == many.to_json()
+    lo, hi = one.success_ci95
+    assert 0.9 < lo < hi == 1.0
+
+
+def test_random_policy_is_seeded_and_loses_often():
+    task = get_task("NumberLine")
+    a = evaluate(task, RandomPolicy(task, seed=1), 60, seed=0, progress=False)
+    b = evaluate(task, RandomPolicy(task, seed=1), 60, seed=0, progress=False)
+    assert a.to_json() == b.to_json()
+    assert a.success_rate < 0.6 and a.mean_return < 0
+
+
+def test_unparsable_text_counts_as_invalid():
+    task = get_task("NumberLine")
+
+    class Babbler:
+        name = "babbler"
+
+        def act(self, observations, infos):
+            return ["I am not sure." for _ in infos]
+
+    r = evaluate(task, Babbler(), 10, progress=False)
+    assert r.invalid_action_rate == 1.0 and r.episodes == 10
+
+
+def test_json_fields():
+    task = get_task("Blackjack")
+    d = evaluate(task, ExpertPolicy(task), 20, progress=False).to_json()
+    assert set(d) == {"task", "policy", "episodes", "success_rate", "success_ci95", "mean_return",
+                      "invalid_action_rate", "mean_episode_length"}
+    json.dumps(d)
+
+
+def test_held_out_and_training_seeds_never_meet():
+    seeds = [training_seed(s, r, i, k) for s in (0, 1, 10**12) for r in range(4) for i in range(64) for k in range(3)]
+    assert max(seeds) < held_out_seed(0, 0) and len(set(seeds)) == len(seeds)
+    with pytest.raises(ValueError):
+        evaluate(get_task("NumberLine"), RandomPolicy(get_task("NumberLine")), 0)
