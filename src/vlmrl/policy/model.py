@@ -39,60 +39,15 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
+from vlmrl.config import PolicyConfig
 from vlmrl.errors import UserError
 from vlmrl.policy import logprob as lp
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 POLICY_CONFIG_FILE = "vlmrl_policy.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_FINETUNE = ("lora", "full", "none")
 # names of the vision tower attribute on the base model, across architectures
 _VISION_ATTRS = ("visual", "vision_tower", "vision_model")
-
-
-@dataclass
-class PolicyConfig:
-    # weights' dtype: "fp32" or "bf16" (the value head always stays fp32)
-    dtype: str = "fp32"
-    # "lora" (adapters, base frozen), "full" (all weights train) or "none" (only the value head trains)
-    finetune: str = "lora"
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    # 0 by default: with dropout the PPO update's forward differs from the sampling one at ratio 1
-    lora_dropout: float = 0.0
-    # module names (last part) that get adapters in the language model
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    # extra names used in the vision tower when train_vision is on (Qwen's "qkv"/"proj", CLIP's "out_proj"/"fc1")
-    lora_vision_targets: tuple[str, ...] = ("qkv", "proj", "out_proj", "fc1", "fc2")
-    # train the vision tower too (LoRA on it, or its weights under full fine-tuning)
-    train_vision: bool = False
-    gradient_checkpointing: bool = False
-    # lambda: weight of the chain-of-thought tokens in the action log-prob
-    thought_weight: float = 0.5
-    # width of the value head's hidden layer
-    value_hidden_size: int = 256
-    # sampling defaults for generate(); evaluate() scores at the same temperature
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    # seeds the value head and LoRA initialisation
-    seed: int = 0
-    # "cpu", "cuda", ...; None: cuda when available
-    device: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise UserError(f"dtype {self.dtype!r} is not supported: use one of {', '.join(_DTYPES)}")
-        if self.finetune not in _FINETUNE:
-            raise UserError(f"finetune {self.finetune!r} is not supported: use one of {', '.join(_FINETUNE)}")
-        if self.lora_rank < 1 or self.value_hidden_size < 1 or self.max_new_tokens < 1:
-            raise UserError("lora_rank, value_hidden_size and max_new_tokens must be at least 1")
-        if not 0.0 <= self.thought_weight <= 1.0:
-            raise UserError(f"thought_weight (lambda) must lie in [0, 1], got {self.thought_weight}")
-        if not 0.0 < self.top_p <= 1.0 or self.temperature < 0:
-            raise UserError("top_p must lie in (0, 1] and temperature must be >= 0 (0 = greedy)")
-        self.lora_targets = tuple(self.lora_targets)
-        self.lora_vision_targets = tuple(self.lora_vision_targets)
 
 
 @dataclass
