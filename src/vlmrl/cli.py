@@ -1,4 +1,4 @@
-"""The `vlmrl` command: eval | render (and the training commands as they land).
+"""The `vlmrl` command: demo | sft | train | eval | render.
 
 Bad input ends with one line on stderr and exit code 2, never a traceback (`vlmrl.errors.UserError`).
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from vlmrl.errors import UserError
@@ -62,9 +63,96 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from vlmrl.sft import SFTConfig, run_sft
+    from vlmrl.tasks import get_task
+
+    task = get_task(args.task)
+    cfg = SFTConfig(
+        task=task.name, model=args.model, out_dir=args.out, episodes=args.episodes,
+        random_action_fraction=args.random_fraction, cot=not args.no_cot, lr=args.lr,
+        batch_size=args.batch_size, steps=args.steps, seed=args.seed, finetune=args.finetune,
+        checkpoint_every=args.checkpoint_every,
+    )
+    out = run_sft(cfg)
+    print(f"saved the SFT policy to {out}; evaluate it with: vlmrl eval {task.name} --policy {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vlmrl.config import TrainConfig, load_config, parse_overrides
+    from vlmrl.tasks import get_task
+    from vlmrl.trainer import train
+
+    overrides = parse_overrides(args.set or [])
+    for key, value in (("task", args.task), ("model", args.model), ("out_dir", args.out),
+                       ("total_updates", args.updates), ("num_envs", args.num_envs),
+                       ("num_steps", args.num_steps), ("seed", args.seed)):
+        if value is not None:
+            overrides[key] = value
+    if args.no_cot:
+        overrides["cot"] = False
+    source = args.config
+    if args.resume and source is None and args.out and (Path(args.out) / "config.json").is_file():
+        source = str(Path(args.out) / "config.json")  # continue with the run's own settings
+    cfg = load_config(TrainConfig, source, overrides)
+    cfg.task = get_task(cfg.task).name
+    if not cfg.model and not args.resume:
+        raise UserError("train needs --model: a folder from `vlmrl sft` (or any HF VLM folder, or 'tiny')")
+    final = train(cfg, resume=args.resume, progress=not args.quiet)
+    print(f"saved the trained policy to {final}; metrics in {cfg.out_dir}/metrics.jsonl, "
+          f"learning curve {cfg.out_dir}/learning_curve.png")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vlmrl.demo import run_demo
+
+    run_demo(out_dir=args.out, seed=args.seed, episodes=args.episodes, cot=not args.no_cot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmrl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="tiny VLM: SFT on an imperfect expert, PPO, before/after table (CPU)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--episodes", type=_positive_int, default=500, help="held-out episodes per evaluation")
+    p.add_argument("--no-cot", action="store_true", help="the action-only ablation")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on the task expert's demonstrations")
+    p.add_argument("task")
+    p.add_argument("--model", default="tiny", help="a Hugging Face VLM folder, or 'tiny' (built offline)")
+    p.add_argument("--episodes", type=_positive_int, default=400, help="demonstration episodes")
+    p.add_argument("--out", required=True)
+    p.add_argument("--random-fraction", type=float, default=0.0,
+                   help="probability of a random action per demonstration step (an imperfect start)")
+    p.add_argument("--no-cot", action="store_true")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: 3 epochs)")
+    p.add_argument("--finetune", default="full", choices=("full", "lora"))
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("train", help="PPO fine-tuning from a policy folder (usually an SFT result)")
+    p.add_argument("task", nargs="?", default=None)
+    p.add_argument("--model", default=None, help="policy folder to start from (e.g. from vlmrl sft)")
+    p.add_argument("--out", default=None, help="run folder: config, metrics, checkpoints, final policy")
+    p.add_argument("--config", default=None, help="a .json/.toml/.yaml file of TrainConfig fields")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. ppo.lr=1e-4 num_envs=8")
+    p.add_argument("--updates", type=_positive_int, default=None, help="total PPO updates")
+    p.add_argument("--num-envs", type=_positive_int, default=None)
+    p.add_argument("--num-steps", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-cot", action="store_true", help="action-only prompt (the paper's ablation)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="play held-out seeded episodes and report success with a 95% CI")
     p.add_argument("task", help="NumberLine, EZPoints, Points24, Blackjack or ALFWorld")

@@ -17,6 +17,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from vlmrl.errors import UserError
 from vlmrl.metrics import wilson_interval
 from vlmrl.tasks import Task
 from vlmrl.tasks.parsing import parse_action
@@ -65,6 +66,46 @@ class ExpertPolicy:
 
     def act(self, observations, infos):
         return [self.task.expert_response(info, self.cot) for info in infos]
+
+
+class ModelPolicy:
+    """A VLM policy folder (from ``vlmrl sft`` / ``vlmrl train``, or any HF VLM) as a text policy.
+
+    Samples one batch per step for all running episodes, from its own seeded generator.
+    """
+
+    def __init__(self, policy, task: Task, cot: bool = True, temperature: float = 0.2, seed: int = 0,
+                 max_new_tokens: int | None = None, name: str = "model"):
+        import torch
+
+        self.policy, self.task, self.cot, self.name = policy, task, cot, name
+        self.temperature, self.max_new_tokens = temperature, max_new_tokens
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def load(cls, path: str, task: Task, cot: bool = True, temperature: float = 0.2, seed: int = 0,
+             max_new_tokens: int | None = None, name: str | None = None) -> "ModelPolicy":
+        from vlmrl.config import PolicyConfig
+        from vlmrl.policy.model import POLICY_CONFIG_FILE, VLMPolicy
+        from vlmrl.sft import resolve_model
+
+        folder = Path(path)
+        if not folder.exists() and path != "tiny":
+            raise UserError(f"policy {path!r}: use random, expert, or a policy folder written by sft/train")
+        # A folder saved by VLMPolicy.save knows its own settings; a plain HF folder is scored as is.
+        config = None if (folder / POLICY_CONFIG_FILE).is_file() else PolicyConfig(finetune="none")
+        source = str(resolve_model(path)) if config is not None else path
+        return cls(VLMPolicy.load(source, config), task, cot, temperature, seed, max_new_tokens, name=name or str(path))
+
+    def act(self, observations, infos):
+        import torch
+
+        prompts = [self.task.prompt(info, self.cot) for info in infos]
+        images = [o if isinstance(o, np.ndarray) and o.ndim == 3 else None for o in observations]
+        with torch.no_grad():
+            gen = self.policy.generate(images, prompts, temperature=self.temperature,
+                                       max_new_tokens=self.max_new_tokens, seed=self.generator)
+        return gen.texts
 
 
 @dataclass
