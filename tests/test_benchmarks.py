@@ -1,0 +1,112 @@
+"""Smoke tests: both benchmark scripts run end to end with a tiny budget and print their tables.
+
+The scripts live outside the package (benchmarks/), so they are loaded from their files and their
+``main(argv)`` is called in-process. torch runs on one thread here: the suite shares 2 cores with other
+jobs, and tiny matmuls on two contended OpenMP threads are many times slower than on one.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmrl import demo
+from vlmrl.errors import UserError
+from vlmrl.policy.tiny import build_tiny_vlm
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "model", seed=0))
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_throughput_runs_and_reports_every_figure(tiny_model, tmp_path, capsys, one_thread):
+    throughput = load_script("throughput")
+    out = tmp_path / "speed.json"
+    summary = throughput.main(["--model", tiny_model, "--envs", "1", "2", "--env-steps", "2", "--baseline-steps", "2",
+                               "--max-new-tokens", "4", "--minibatch-sizes", "1", "2", "--epochs", "1",
+                               "--peak-size", "128", "--json", str(out)])
+    printed = capsys.readouterr().out
+    for text in ("machine:", "load average", "| per-sample loop | 2 | 2 |", "| batched | 1 | 2 |", "| batched | 2 | 2 |",
+                 "% of peak", "peak:", "target: batched at 2 envs"):
+        assert text in printed, text
+    rollout = summary["rollout"]
+    assert [(r["mode"], r["envs"], r["env_steps"]) for r in rollout] == [
+        ("per-sample loop", 2, 2), ("batched", 1, 2), ("batched", 2, 2)]
+    for r in rollout:  # every step samples 1..max_new_tokens tokens
+        assert r["env_steps"] <= r["response_tokens"] <= 4 * r["env_steps"] and r["seconds"] > 0
+    # one timed epoch over the 2-env rollout (1 step x 2 envs) per minibatch size
+    assert [(u["minibatch_size"], u["samples"]) for u in summary["update"]] == [(1, 2), (2, 2)]
+    for u in summary["update"]:
+        assert u["flops"] > 0 and 0 < u["fraction_of_peak"] < 1 and u["encode_seconds"] < u["fwd_bwd_seconds"]
+    # the same two samples cost the same counted FLOPs however they are batched (up to padding)
+    a, b = (u["flops"] for u in summary["update"])
+    assert 0.8 < a / b <= 1.0
+    assert json.loads(out.read_text())["speedup"] == pytest.approx(summary["speedup"])
+    assert torch.get_num_threads() == 1  # main leaves the thread count as it found it
+
+
+def test_matmul_peak_is_a_plausible_rate(one_thread):
+    peak = load_script("throughput").matmul_peak(n=128, repeats=2)
+    assert 1e8 < peak < 1e13  # FLOP/s of one CPU thread, far from 0 and from a miscount by 1e3
+
+
+def test_learning_table_runs_both_cot_modes(tiny_model, tmp_path, capsys, one_thread):
+    learning = load_script("learning")
+    out = tmp_path / "table"
+    summary = learning.main(["--tasks", "NumberLine", "--budget", "0.01", "--episodes", "2", "--model", tiny_model,
+                             "--out", str(out), "--quiet", "--set", "train.num_envs=2", "train.num_steps=1",
+                             "train.max_new_tokens=6", "train.tensorboard=false", "sft.batch_size=4"])
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| NumberLine |")]
+    assert len(rows) == 2 and "| yes | 89.4 |" in rows[0] and "| no | 26.9 |" in rows[1]
+    assert ">= 95%" in rows[0] and "min |" in rows[0]
+    runs = summary["runs"]
+    assert [r["cot"] for r in runs] == [True, False]
+    for run in runs:
+        assert run["sft"]["steps"] == 3 and run["sft"]["episodes"] == 3  # ceil(300 * 0.01)
+        assert run["train"]["total_updates"] == 1 and run["train"]["num_envs"] == 2
+        assert run["before"]["episodes"] == run["after"]["episodes"] == 2
+    assert summary["baselines"]["NumberLine"]["expert"]["success_rate"] == 1.0
+    assert (out / "NumberLine-cot" / "ppo" / "final" / "config.json").is_file()
+    assert json.loads((out / "learning.json").read_text())["table"] == summary["table"]
+
+
+def test_learning_recipes_reuse_the_demo_and_reject_bad_input(tmp_path):
+    learning = load_script("learning")
+    nl = learning.recipe("NumberLine")
+    assert nl["sft"] == demo.SFT and nl["train"] == demo.TRAIN and nl["ppo"] == demo.PPO
+    assert set(learning.OVERRIDES) == set(learning.PAPER)
+    scaled = learning.scale(nl, 0.5)
+    assert scaled["sft"]["steps"] == -(-demo.SFT["steps"] // 2) and scaled["train"]["total_updates"] == -(-demo.TRAIN["total_updates"] // 2)
+    assert learning.apply_overrides(nl, ["ppo.lr=0.001"])["ppo"].lr == 0.001
+    with pytest.raises(UserError, match="section.key=value"):
+        learning.apply_overrides(nl, ["train.num_env=8"])
+    with pytest.raises(UserError, match="budget"):
+        learning.scale(nl, 0)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("keep me")
+    with pytest.raises(UserError, match="not empty"):
+        learning.main(["--tasks", "NumberLine", "--out", str(tmp_path / "taken")])
+    assert (tmp_path / "taken" / "x").read_text() == "keep me"
