@@ -72,7 +72,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
         task=task.name, model=args.model, out_dir=args.out, episodes=args.episodes,
         random_action_fraction=args.random_fraction, cot=not args.no_cot, lr=args.lr,
         batch_size=args.batch_size, steps=args.steps, seed=args.seed, finetune=args.finetune,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, image_size=args.image_size,
     )
     out = run_sft(cfg)
     print(f"saved the SFT policy to {out}; evaluate it with: vlmrl eval {task.name} --policy {out}")
@@ -82,7 +82,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from vlmrl.config import TrainConfig, load_config, parse_overrides
     from vlmrl.tasks import get_task
-    from vlmrl.trainer import train
+    from vlmrl.trainer import TrainingDiverged, train
 
     overrides = parse_overrides(args.set or [])
     for key, value in (("task", args.task), ("model", args.model), ("out_dir", args.out),
@@ -99,7 +99,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.task = get_task(cfg.task).name
     if not cfg.model and not args.resume:
         raise UserError("train needs --model: a folder from `vlmrl sft` (or any HF VLM folder, or 'tiny')")
-    final = train(cfg, resume=args.resume, progress=not args.quiet)
+    try:
+        final = train(cfg, resume=args.resume, progress=not args.quiet)
+    except TrainingDiverged as e:  # not bad input (exit 2), but still one line and no traceback
+        print(f"vlmrl: training diverged: {e}", file=sys.stderr)
+        return 1
     print(f"saved the trained policy to {final}; metrics in {cfg.out_dir}/metrics.jsonl, "
           f"learning curve {cfg.out_dir}/learning_curve.png")
     return 0
@@ -136,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: 3 epochs)")
     p.add_argument("--finetune", default="full", choices=("full", "lora"))
     p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="resize observations to this many pixels square (Qwen processors; a multiple of patch x merge)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sft)
 

@@ -7,9 +7,11 @@ whose rollouts take different times never time out a collective while collecting
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +33,33 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite losses in a row; the last good checkpoint is kept."""
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run PPO as configured; return the folder of the final policy (``<out_dir>/final``)."""
+@dataclasses.dataclass
+class RankUpdate:
+    """What one rank did in one update (the logged metrics are the gathered view over ranks)."""
+
+    update: int  # updates done so far
+    rank: int
+    world_size: int
+    episodes: int  # episodes this rank finished in this update
+    env_steps: int  # transitions this rank collected in this update
+    policy: Any  # this rank's VLMPolicy after the update
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          callback: Callable[[RankUpdate], None] | None = None) -> Path:
+    """Run PPO as configured; return the folder of the final policy (``<out_dir>/final``).
+
+    ``callback``, if given, runs on every rank after every update, before the checkpoint.
+    """
     from accelerate import Accelerator
 
     from vlmrl.policy.model import VLMPolicy
     from vlmrl.sft import resolve_model
 
     ppo = cfg.ppo
-    accelerator = Accelerator(gradient_accumulation_steps=ppo.grad_accum_steps)
+    # cpu=True on a host without CUDA: otherwise accelerate ignores the ranks torchrun started and
+    # every process trains alone (DistributedType.NO); with it they join one gloo group.
+    accelerator = Accelerator(gradient_accumulation_steps=ppo.grad_accum_steps, cpu=not torch.cuda.is_available())
     rank, main = accelerator.process_index, accelerator.is_main_process
     run_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed * 1000 + rank)
@@ -47,15 +67,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     task = get_task(cfg.task)
 
     # --- where to start from ---------------------------------------------------------------------
+    # A half-written checkpoint is never loaded: latest_checkpoint() sees only complete ones. A run
+    # killed before its first checkpoint resumes from update 0 (its partial metrics are cut away).
     checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        raise UserError(f"--resume: no complete checkpoint in {run_dir}; start without --resume")
+    if resume and checkpoint is None and not (run_dir / "config.json").is_file():
+        raise UserError(f"--resume: {run_dir} holds no run (no config.json); start without --resume")
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it or choose a new --out")
     source = str(checkpoint / "policy") if checkpoint else str(resolve_model(cfg.model))
 
     # --- policy, optimizer, learning-rate schedule -----------------------------------------------
-    policy = VLMPolicy.load(source, cfg.policy_config())
+    policy_cfg = cfg.policy_config()
+    if policy_cfg.device is None:  # each rank loads onto its own device, not all onto cuda:0
+        policy_cfg = dataclasses.replace(policy_cfg, device=str(accelerator.device))
+    policy = VLMPolicy.load(source, policy_cfg)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=ppo.lr, eps=ppo.adam_eps, weight_decay=ppo.weight_decay)
     span = ppo.lr_schedule_updates or cfg.total_updates
@@ -68,6 +93,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress_))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    if accelerator.state.deepspeed_plugin is not None:  # no DataLoader to take the micro-batch size from
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = ppo.minibatch_size
     model, optimizer = accelerator.prepare(policy, optimizer)
     policy = accelerator.unwrap_model(model)  # sampling and saving go around the DDP wrapper
 
@@ -88,8 +115,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json")
+    if resume and main:
+        _truncate_samples(run_dir / "samples.jsonl", counters["update"])
     logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
-                           resume_step=counters["update"] if checkpoint else None,
+                           resume_step=counters["update"] if resume else None,
                            wandb_project=cfg.wandb_project, wandb_run=cfg.wandb_run) if main else None
 
     reference = policy.reference if ppo.kl_coef > 0 else None
@@ -126,29 +155,36 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                             ref_logprob=None if mb.ref_logprob is None else mb.ref_logprob.to(dev),
                             kl_coef=ppo.kl_coef,
                         )
-                        # Every rank must skip together, or DDP's all-reduce would wait forever.
-                        finite = accelerator.reduce(torch.isfinite(out.loss).float().reshape(1), "sum")
-                        if int(finite.item()) < accelerator.num_processes:
+                        # A non-finite loss or gradient norm skips the minibatch (no step). Every
+                        # rank decides alike (all-reduced flag, all-reduced gradients), or DDP's
+                        # all-reduce would wait forever.
+                        finite = _all_finite(accelerator, out.loss)
+                        if finite:
+                            accelerator.backward(out.loss)
+                            if accelerator.sync_gradients:
+                                norm = accelerator.clip_grad_norm_(params, ppo.max_grad_norm)
+                                finite = norm is None or bool(torch.isfinite(norm))  # None: DeepSpeed clips
+                        if not finite:
+                            optimizer.zero_grad()
                             counters["nan_skipped"] += 1
                             nan_in_a_row += 1
-                            optimizer.zero_grad()
                             if nan_in_a_row >= max(cfg.max_nan_skips, 1):
-                                raise TrainingDiverged(
-                                    f"{nan_in_a_row} minibatches in a row had a non-finite loss (update "
-                                    f"{update + 1}); stopped. The last good checkpoint in {run_dir} is kept: "
-                                    "lower ppo.lr or raise ppo.max_grad_norm's strictness, then --resume"
-                                )
+                                raise TrainingDiverged(_diverged(
+                                    f"{nan_in_a_row} minibatches in a row had a non-finite loss or gradient "
+                                    f"(update {update + 1})", run_dir))
                             continue
                         nan_in_a_row = 0
-                        accelerator.backward(out.loss)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(params, ppo.max_grad_norm)
                         optimizer.step()
                         optimizer.zero_grad()
                     for k in ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "kl_ref"):
-                        sums[k] = sums.get(k, 0.0) + float(getattr(out, k))
+                        sums[k] = sums.get(k, 0.0) + float(getattr(out, k).detach())
                     batches += 1
             scheduler.step()
+            # Weights that blew up (a finite loss can still take a ruinous step) would sample NaNs in
+            # the next rollout and must not become "the last good checkpoint": score one minibatch.
+            if not _weights_finite(accelerator, policy, mb, ppo):
+                raise TrainingDiverged(_diverged(
+                    f"the weights after update {update + 1} give a non-finite loss; they were not saved", run_dir))
             update_seconds = time.perf_counter() - t1
             counters["update"] = update + 1
 
@@ -184,6 +220,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 if metrics["charts/success_rate"] is not None:
                     bar.set_postfix(success=f"{metrics['charts/success_rate']:.2f}")
 
+            if callback is not None:
+                callback(RankUpdate(counters["update"], rank, accelerator.num_processes,
+                                    len(done.returns), stats.steps, policy))
+
             # 4. checkpoint: every K updates and at the end
             last = counters["update"] == cfg.total_updates
             if (cfg.checkpoint_every and counters["update"] % cfg.checkpoint_every == 0) or last:
@@ -215,6 +255,51 @@ def _checkpoint(accelerator, run_dir, cfg, policy, optimizer, scheduler, counter
 
         save_checkpoint(run_dir, counters["update"], write, keep=cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
+
+
+def _all_finite(accelerator, value: torch.Tensor) -> bool:
+    """True when ``value`` is finite on every rank (one all-reduce)."""
+    flag = torch.isfinite(value.detach()).all().float().reshape(1).to(accelerator.device)
+    return int(accelerator.reduce(flag, "sum").item()) == accelerator.num_processes
+
+
+@torch.no_grad()
+def _weights_finite(accelerator, policy, mb, ppo) -> bool:
+    """Whether the current weights give a finite PPO loss on ``mb`` on every rank (no RNG drawn)."""
+    was_training = policy.training
+    policy.eval()
+    try:
+        ev = policy(mb.images, mb.prompts, mb.response_ids)
+        dev = ev.values.device
+        out = ppo_loss(ev.action_logprob, mb.old_logprob.to(dev), mb.advantages.to(dev), ev.values,
+                       mb.old_value.to(dev), mb.returns.to(dev), clip=ppo.clip, value_clip=ppo.value_clip,
+                       value_coef=ppo.value_coef, entropy=ev.entropy, ent_coef=ppo.ent_coef)
+    finally:
+        policy.train(was_training)
+    return _all_finite(accelerator, out.loss)
+
+
+def _diverged(what: str, run_dir: Path) -> str:
+    kept = latest_checkpoint(run_dir, clean=False)
+    where = f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint had been written yet"
+    return f"{what}; stopped: {where}. Lower ppo.lr (or raise max_nan_skips) and start again"
+
+
+def _truncate_samples(path: Path, max_update: int) -> None:
+    """On resume, drop the samples of updates after the checkpoint (they are collected again)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn line from a crash
+        if isinstance(row, dict) and isinstance(row.get("update"), int) and row["update"] <= max_update:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def _write_samples(run_dir: Path, update: int, buffer: RolloutBuffer, n: int) -> None:

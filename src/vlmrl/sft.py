@@ -1,0 +1,363 @@
+"""Supervised fine-tuning on expert demonstrations: the step before PPO.
+
+Demonstrations come from playing seeded episodes with the task's expert, optionally mixed with random
+actions (``random_action_fraction``) to make a deliberately imperfect starting policy, as in RL4VLM.
+Each step is one (image, prompt, response) example whose response is ``task.response(info, a, cot)``
+for the action ``a`` actually taken. The loss is the cross-entropy of the response tokens only (and
+the end-of-turn token, so the model learns to stop). The result is saved with ``save_pretrained``
+(model + processor), so ``vlmrl eval TASK --policy DIR`` and PPO load it like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vlmrl.checkpoint import save_checkpoint
+from vlmrl.errors import UserError
+from vlmrl.evaluate import HELD_OUT_SEED_BASE
+from vlmrl.tasks import Task, get_task
+
+IGNORE = -100  # label of tokens that carry no loss (prompt, image, padding)
+SMALL_MODEL_PARAMS = 5_000_000  # below this, one CPU thread (see SFTConfig.threads)
+
+
+@dataclass
+class SFTConfig:
+    """Settings of one SFT run. The defaults suit the ``tiny`` preset (a model trained from scratch);
+    for a pretrained 2B-7B VLM use ``finetune="lora"``, ``lr`` about 1e-5 to 1e-4, ``train_vision=False``."""
+
+    # task name, e.g. "NumberLine"
+    task: str = "NumberLine"
+    # a Hugging Face model folder, or "tiny" for the offline tiny preset (built and cached on first use)
+    model: str = "tiny"
+    # where the final model + processor (and checkpoints/) go
+    out_dir: str = "runs/sft"
+    # demonstration episodes played (seeds seed * 1_000_000 + i, below the held-out evaluation range)
+    episodes: int = 400
+    # per step, probability of a uniformly random action instead of the expert's (imperfect policies)
+    random_action_fraction: float = 0.0
+    # chain-of-thought responses (state fields + thoughts before "action"), else the action only
+    cot: bool = True
+    # "full" (every weight) or "lora" (adapters on the language model, merged into the saved weights)
+    finetune: str = "full"
+    # train the vision tower as well (needed for a model built from scratch, like the tiny preset)
+    train_vision: bool = True
+    # weights' dtype: "fp32" or "bf16"
+    dtype: str = "fp32"
+    # optimisation: AdamW, linear warmup then cosine decay to lr * min_lr_ratio
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    # number of optimiser steps; if 0, ``epochs`` passes over the demonstrations instead
+    steps: int = 200
+    epochs: float = 3.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    # save a checkpoint (model, processor, optimizer) every this many steps (0: only the final save)
+    checkpoint_every: int = 0
+    # processor resize override: images go in as image_size x image_size (None: the model's own)
+    image_size: int | None = None
+    # torch CPU threads; 0: 1 for a model under SMALL_MODEL_PARAMS on the CPU (the tiny preset),
+    # torch's default otherwise. Tiny models are bound by per-op overhead: 2 threads are hardly faster
+    # on an idle machine and thrash on a busy one (measured at load 8 on 2 cores: 25 steps took
+    # 200 s with 2 threads, while 1 thread ran 200 steps in 130 s)
+    threads: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Demo:
+    image: np.ndarray  # (H, W, 3) uint8 observation
+    prompt: str
+    response: str
+    expert: bool  # whether the action taken was the expert's
+
+
+# --- demonstrations --------------------------------------------------------------------------------
+
+
+def collect_demonstrations(
+    task: Task,
+    episodes: int,
+    random_action_fraction: float = 0.0,
+    cot: bool = True,
+    seed: int = 0,
+    max_steps: int = 100,
+) -> list[Demo]:
+    """Play ``episodes`` seeded episodes; at each step take a random action with the given probability.
+
+    Episode i resets with seed ``seed * 1_000_000 + i``; action choices draw from
+    ``np.random.default_rng(seed)``, so the same arguments give the same demonstrations.
+    """
+    if not 0.0 <= random_action_fraction <= 1.0:
+        raise UserError(f"random_action_fraction must be in [0, 1], got {random_action_fraction}")
+    rng = np.random.default_rng(seed)
+    env = task.make_env()
+    demos: list[Demo] = []
+    try:
+        for i in range(episodes):
+            obs, info = env.reset(seed=seed * 1_000_000 + i)
+            for _ in range(max_steps):
+                expert = task.expert_action(info)
+                action = expert
+                if rng.random() < random_action_fraction:
+                    action = int(rng.integers(len(task.legal_actions(info))))
+                demos.append(Demo(np.asarray(obs), task.prompt(info, cot), task.response(info, action, cot), action == expert))
+                obs, _, terminated, truncated, info = env.step(action)
+                if terminated or truncated:
+                    break
+    finally:
+        env.close()
+    return demos
+
+
+# --- encoding ---------------------------------------------------------------------------------------
+
+
+def encode_example(policy: Any, image: Any, prompt: str, response: str) -> dict[str, torch.Tensor]:
+    """One example as model inputs with a batch dim of 1, plus ``labels`` (IGNORE outside the response).
+
+    Built by ``VLMPolicy.encode``, so the chat template and the response ids (tokenised apart from
+    the prompt, then the stop token) are exactly those that sampling and PPO use.
+    """
+    enc = policy.encode([image], [prompt], [response])
+    out = dict(enc.inputs)
+    out["labels"] = torch.where(enc.response_mask, out["input_ids"], torch.full_like(out["input_ids"], IGNORE))
+    return out
+
+
+def encode_all(policy: Any, demos: Sequence[Demo]) -> list[dict[str, torch.Tensor]]:
+    """Encode every demonstration once (each step then only pads and concatenates).
+
+    Identical (image, prompt, response) triples share one encoding: small tasks revisit the same
+    states often (NumberLine has 30 distinct images), and the image processor is the costly part.
+    """
+    cache: dict[tuple[bytes, str, str], dict[str, torch.Tensor]] = {}
+    out = []
+    for d in demos:
+        image = np.ascontiguousarray(d.image)
+        key = (hashlib.sha1(image.tobytes()).digest() + str(image.shape).encode(), d.prompt, d.response)
+        if key not in cache:
+            cache[key] = encode_example(policy, image, d.prompt, d.response)
+        out.append(cache[key])
+    return out
+
+
+_SEQUENCE_KEYS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "labels": IGNORE}
+
+
+def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad the token sequences to one length; concatenate image tensors along dim 0.
+
+    Each example has batch dim 1. Image tensors (pixel values, grids, sizes) stack along dim 0 for
+    every supported arch (Qwen's flattened patches included, since their rows are per image).
+    """
+    width = max(e["input_ids"].shape[1] for e in examples)
+    batch: dict[str, torch.Tensor] = {}
+    for key in examples[0]:
+        if key in _SEQUENCE_KEYS:
+            fill = pad_id if _SEQUENCE_KEYS[key] is None else _SEQUENCE_KEYS[key]
+            rows = [F.pad(e[key], (width - e[key].shape[1], 0), value=fill) for e in examples]
+        else:
+            rows = [e[key] for e in examples]
+        batch[key] = torch.cat(rows, 0)
+    return batch
+
+
+# --- schedule --------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the base lr at ``step`` (0-based): linear warmup, then cosine down to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+def resolve_model(model: str) -> Path:
+    """``"tiny"`` -> the cached tiny preset; otherwise a local Hugging Face model folder."""
+    if model == "tiny":
+        from vlmrl.policy.tiny import tiny_preset_path
+
+        return tiny_preset_path()
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise UserError(f"model {model!r} is not a model folder (no config.json): pass 'tiny' or a folder saved with save_pretrained")
+    return path
+
+
+def load_policy(
+    path: str | os.PathLike, image_size: int | None = None, finetune: str = "full", train_vision: bool = True, dtype: str = "fp32"
+) -> Any:
+    """The model as a ``VLMPolicy`` ready to train (by default every weight, vision tower included:
+    a model built from scratch must learn to see)."""
+    from vlmrl.config import PolicyConfig
+    from vlmrl.policy.model import VLMPolicy
+
+    if finetune not in ("full", "lora"):
+        raise UserError(f"sft finetune must be 'full' or 'lora', got {finetune!r}")
+    policy = VLMPolicy.load(path, PolicyConfig(finetune=finetune, train_vision=train_vision, dtype=dtype))
+    if image_size is not None:
+        set_image_size(policy.processor, image_size)
+    return policy
+
+
+def set_image_size(processor: Any, image_size: int) -> None:
+    """Make the processor resize every image to ``image_size`` x ``image_size``."""
+    ip = processor.image_processor
+    if hasattr(ip, "merge_size"):  # Qwen: pixel budget, pinned so the image stays square
+        factor = ip.patch_size * ip.merge_size
+        if image_size % factor:
+            raise UserError(f"image_size {image_size} must be a multiple of {factor} for this model")
+        ip.size = {"shortest_edge": image_size * image_size, "longest_edge": image_size * image_size}
+    else:
+        raise UserError("image_size can only be changed for Qwen-style processors; build the model at that size instead")
+
+
+def _validate(cfg: SFTConfig) -> None:
+    checks = [
+        (cfg.episodes >= 1, f"episodes must be >= 1, got {cfg.episodes}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.lr > 0, f"lr must be > 0, got {cfg.lr}"),
+        (cfg.steps >= 0 and (cfg.steps > 0 or cfg.epochs > 0), "set steps > 0 or epochs > 0"),
+        (cfg.warmup_steps >= 0 and cfg.checkpoint_every >= 0, "warmup_steps and checkpoint_every must be >= 0"),
+        (cfg.finetune in ("full", "lora"), f"finetune must be 'full' or 'lora', got {cfg.finetune!r}"),
+        # demonstration seeds must stay below the range that evaluation reserves for held-out episodes
+        (0 <= cfg.seed and cfg.seed * 1_000_000 + cfg.episodes <= HELD_OUT_SEED_BASE,
+         f"seed must be in [0, {HELD_OUT_SEED_BASE // 1_000_000 - 1}] and episodes < 1,000,000"),
+        (cfg.threads >= 0, f"threads must be >= 0 (0: automatic), got {cfg.threads}"),
+        (0.0 <= cfg.random_action_fraction <= 1.0, f"random_action_fraction must be in [0, 1], got {cfg.random_action_fraction}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(f"sft: {message}")
+
+
+def run_sft(cfg: SFTConfig, callback: Callable[[int, Any], None] | None = None) -> Path:
+    """Collect demonstrations, fine-tune on the response tokens, save model + processor to ``out_dir``.
+
+    ``callback(step, policy)``, if given, runs after every optimiser step with the ``VLMPolicy``
+    being trained (for learning curves: ``policy.generate`` restores train mode itself).
+    """
+    _validate(cfg)
+    task = get_task(cfg.task)
+    threads = torch.get_num_threads()
+    # A library call leaves the process as it found it: thread count and global RNG restored.
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # for any dropout; shuffling has its own generator
+            return _train(cfg, task, callback)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: SFTConfig, task: Task, callback: Callable[[int, Any], None] | None) -> Path:
+    out = Path(cfg.out_dir)
+    started = time.perf_counter()
+
+    policy = load_policy(resolve_model(cfg.model), cfg.image_size, cfg.finetune, cfg.train_vision, cfg.dtype)
+    model, processor = policy.model, policy.processor  # model: the peft wrapper under LoRA
+    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
+    if cfg.threads or (small and policy.device.type == "cpu"):
+        torch.set_num_threads(cfg.threads or 1)
+    demos = collect_demonstrations(task, cfg.episodes, cfg.random_action_fraction, cfg.cot, cfg.seed)
+    examples = encode_all(policy, demos)
+    pad_id = policy.pad_token_id
+    total = cfg.steps or max(1, math.ceil(cfg.epochs * len(examples) / cfg.batch_size))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.min_lr_ratio))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    model.train()
+    bar = tqdm(range(total), desc=f"sft {task.name}", disable=not cfg.progress)
+    history: list[float] = []
+    for step in bar:
+        if len(order) < cfg.batch_size:  # reshuffle per epoch
+            order += torch.randperm(len(examples), generator=gen).tolist()
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        batch = collate([examples[i] for i in idx], pad_id)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        history.append(loss.item())
+        bar.set_postfix(loss=f"{history[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        if callback is not None:
+            callback(step + 1, policy)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            save_checkpoint(out / "checkpoints", step + 1, _writer(model, processor, opt, sched, gen))
+    bar.close()
+
+    model.eval()
+    summary = {
+        "config": dataclasses.asdict(cfg),
+        "demonstrations": len(demos),
+        "expert_fraction": float(np.mean([d.expert for d in demos])),
+        "steps": total,
+        "final_loss": float(np.mean(history[-10:])),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if cfg.finetune == "lora":  # a plain HF folder: the adapters folded into the weights
+        model = model.merge_and_unload()
+    save_final(model, processor, out, summary)
+    return out
+
+
+def _writer(model, processor, opt, sched, gen):
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state()}, folder / "trainer_state.pt")
+
+    return write
+
+
+def save_final(model: Any, processor: Any, out: Path, summary: dict[str, Any]) -> None:
+    """save_pretrained into a temporary folder, then move the files in, ``config.json`` last.
+
+    Each move is an atomic rename, and a loader needs ``config.json``, so a crash never leaves a
+    folder that loads half-old, half-new weights; other files in ``out`` (checkpoints/) are kept.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".tmp-final-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        names = sorted(p.name for p in tmp.iterdir())
+        names.sort(key=lambda n: n == "config.json")
+        if (out / "config.json").exists():
+            (out / "config.json").unlink()  # the old folder stops loading before its files change
+        for name in names:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["Demo", "SFTConfig", "collate", "collect_demonstrations", "encode_all", "encode_example", "load_policy", "lr_factor", "run_sft"]
