@@ -23,15 +23,17 @@ from vlmrl.errors import UserError
 
 TASK = "NumberLine"
 
-# SFT on an imperfect expert: with this share of random actions the SFT policy wins about half the
-# held-out episodes: it has learned to read the numbers but not to always move the right way.
-SFT = dict(episodes=300, random_action_fraction=0.6, steps=300, batch_size=16, lr=1e-3)
+# SFT on a deliberately imperfect expert: it reads the image right and writes the state fields, but
+# every demonstrated action is random. The SFT policy learns the format and to read, not to decide,
+# and wins about as often as a random policy (the paper's SFT start: 24.8%). Any smaller fraction is
+# sharpened away at temperature 0.2: at 0.6 the SFT policy already wins 98.8%.
+SFT = dict(episodes=300, random_action_fraction=1.0, steps=300, batch_size=16, lr=1e-3)
 
 # PPO for a 0.4M-parameter model trained in full: the paper's 1e-5 / max-grad-norm 0.01 are for
 # LoRA on a 7B model and barely move a tiny one.
-PPO = PPOConfig(lr=3e-4, end_lr=3e-5, epochs=2, minibatch_size=16, grad_accum_steps=2, max_grad_norm=1.0,
+PPO = PPOConfig(lr=1e-4, end_lr=1e-5, epochs=2, minibatch_size=16, grad_accum_steps=2, max_grad_norm=1.0,
                 clip=0.2, value_clip=None, gamma=0.9, gae_lambda=0.95, thought_weight=0.5, ent_coef=0.0)
-TRAIN = dict(num_envs=32, num_steps=4, total_updates=20, temperature=0.2, max_new_tokens=48)
+TRAIN = dict(num_envs=32, num_steps=4, total_updates=30, temperature=0.2, max_new_tokens=48)
 
 
 def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, episodes: int = 500, cot: bool = True,
