@@ -8,4 +8,4 @@ VLMRL_EXTRAS="dev,alfworld" bash scripts/setup.sh
 if [ -z "${ALFWORLD_DATA:-}" ] && [ -d ../shared/data/alfworld ]; then
   export ALFWORLD_DATA="$(cd ../shared/data/alfworld && pwd)"
 fi
-exec python -m pytest "$@"
+exec python -m pytest -q "$@"
