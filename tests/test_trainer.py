@@ -63,3 +63,14 @@ def test_resume_continues_without_gap_or_duplicate(tiny_model, tmp_path):
     train(small_config(tiny_model, out, total_updates=1), progress=False)
     train(small_config(tiny_model, out, total_updates=3), resume=True, progress=False)
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_held_out_eval_every_update_and_target_kl(tiny_model, tmp_path):
+    # target_kl tiny: each update stops after its first epoch; eval_every=1 logs held-out success.
+    cfg = small_config(tiny_model, tmp_path / "run", eval_every=1, eval_episodes=3)
+    cfg.ppo.epochs, cfg.ppo.target_kl = 3, 1e-12
+    train(cfg, progress=False)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all(0.0 <= r["eval/success_rate"] <= 1.0 for r in rows)
+    assert [r["charts/ppo_epochs"] for r in rows] == [1, 1]
+    assert all(r["eval/success_ci95_low"] <= r["eval/success_rate"] <= r["eval/success_ci95_high"] for r in rows)

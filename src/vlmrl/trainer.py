@@ -143,7 +143,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             model.train()
             sums: dict[str, float] = {}
             batches = 0
-            for _ in range(ppo.epochs):
+            for epochs_run in range(1, ppo.epochs + 1):
+                epoch_kl: list[float] = []
                 for mb in buffer.minibatches(ppo.minibatch_size, shuffling, normalize=ppo.normalize_advantages):
                     with accelerator.accumulate(model):
                         ev = model(mb.images, mb.prompts, mb.response_ids)
@@ -179,6 +180,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                     for k in ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "kl_ref"):
                         sums[k] = sums.get(k, 0.0) + float(getattr(out, k).detach())
                     batches += 1
+                    epoch_kl.append(float(out.approx_kl))
+                # Early stop once the policy has moved far from the one that collected the data
+                # (decided on the mean over ranks, so every rank runs the same number of epochs).
+                if ppo.target_kl is not None and _rank_mean(accelerator, epoch_kl) > ppo.target_kl:
+                    break
             scheduler.step()
             # Weights that blew up (a finite loss can still take a ruinous step) would sample NaNs in
             # the next rollout and must not become "the last good checkpoint": score one minibatch.
@@ -209,10 +215,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 "charts/env_steps_per_second": steps / max(max(g[6] for g in gathered), 1e-9),
                 "charts/tokens_per_second": sum(g[4] for g in gathered) / max(max(g[5] for g in gathered), 1e-9),
                 "charts/update_seconds": update_seconds,
+                "charts/ppo_epochs": epochs_run,
                 "charts/learning_rate": optimizer.param_groups[0]["lr"],
                 "charts/nan_skipped": counters["nan_skipped"],
                 "losses/explained_variance": explained_variance(buffer.values.flatten(), buffer.returns.flatten()),
             })
+            if main and cfg.eval_every and counters["update"] % cfg.eval_every == 0:
+                metrics.update(_held_out(task, policy, cfg))
             if main:
                 logger.log(counters["update"], metrics)
                 _write_samples(run_dir, counters["update"], buffer, cfg.log_samples)
@@ -241,6 +250,22 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                             keys=("charts/success_rate", "charts/episodic_return", "charts/invalid_action_rate"))
     accelerator.wait_for_everyone()
     return final
+
+
+def _rank_mean(accelerator, values: list[float]) -> float:
+    mean = torch.tensor([float(np.mean(values)) if values else 0.0], device=accelerator.device)
+    return float(accelerator.reduce(mean, "mean"))
+
+
+def _held_out(task, policy, cfg: TrainConfig) -> dict[str, float]:
+    """Held-out success of the current policy (rank 0 only), logged as eval/*."""
+    from vlmrl.evaluate import ModelPolicy, evaluate
+
+    agent = ModelPolicy(policy, task, cfg.cot, cfg.temperature, cfg.seed, cfg.max_new_tokens)
+    r = evaluate(task, agent, cfg.eval_episodes, seed=cfg.seed, num_envs=min(cfg.eval_episodes, 32), progress=False)
+    return {"eval/success_rate": r.success_rate, "eval/success_ci95_low": r.success_ci95[0],
+            "eval/success_ci95_high": r.success_ci95[1], "eval/episodic_return": r.mean_return,
+            "eval/invalid_action_rate": r.invalid_action_rate}
 
 
 def _checkpoint(accelerator, run_dir, cfg, policy, optimizer, scheduler, counters, generators, collector) -> None:
