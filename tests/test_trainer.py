@@ -46,6 +46,7 @@ def test_two_updates_change_every_trainable_parameter(tiny_model, tmp_path):
         assert key in rows[-1], key
     assert rows[-1]["charts/env_steps"] == 2 * 3 * 2
     assert (tmp_path / "run" / "learning_curve.png").stat().st_size > 0
+    assert len(list((tmp_path / "run" / "samples").glob("update2-*.png"))) == 2
     assert json.loads((tmp_path / "run" / "config.json").read_text())["num_envs"] == 3
 
 
@@ -74,3 +75,17 @@ def test_held_out_eval_every_update_and_target_kl(tiny_model, tmp_path):
     assert all(0.0 <= r["eval/success_rate"] <= 1.0 for r in rows)
     assert [r["charts/ppo_epochs"] for r in rows] == [1, 1]
     assert all(r["eval/success_ci95_low"] <= r["eval/success_rate"] <= r["eval/success_ci95_high"] for r in rows)
+
+
+def test_lora_with_a_kl_penalty_to_the_adapter_free_reference(tiny_model, tmp_path):
+    cfg = small_config(tiny_model, tmp_path / "run", policy=PolicyConfig(finetune="lora", lora_rank=4))
+    cfg.ppo.kl_coef = 0.1
+    before = VLMPolicy.load(tiny_model, cfg.policy_config())
+    start = {n: p.detach().clone() for n, p in before.named_parameters() if p.requires_grad}
+    final = train(cfg, progress=False)
+    after = dict(VLMPolicy.load(final).named_parameters())
+    assert any("lora_" in n for n in start)
+    assert [n for n, p in start.items() if torch.equal(p, after[n].detach())] == []
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    # update 1 samples with the adapter still zero (KL 0); update 2 with a trained adapter
+    assert rows[0]["losses/kl_ref"] == pytest.approx(0.0, abs=1e-6) and rows[1]["losses/kl_ref"] != 0.0

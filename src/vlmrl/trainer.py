@@ -224,7 +224,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 metrics.update(_held_out(task, policy, cfg))
             if main:
                 logger.log(counters["update"], metrics)
-                _write_samples(run_dir, counters["update"], buffer, cfg.log_samples)
+                _write_samples(run_dir, counters["update"], buffer, cfg.log_samples,
+                               images=counters["update"] == cfg.total_updates)
                 bar.update(1)
                 if metrics["charts/success_rate"] is not None:
                     bar.set_postfix(success=f"{metrics['charts/success_rate']:.2f}")
@@ -327,12 +328,20 @@ def _truncate_samples(path: Path, max_update: int) -> None:
     tmp.replace(path)
 
 
-def _write_samples(run_dir: Path, update: int, buffer: RolloutBuffer, n: int) -> None:
-    """A few transcripts per update (prompt, response, reward) for people to read."""
+def _write_samples(run_dir: Path, update: int, buffer: RolloutBuffer, n: int, images: bool = False) -> None:
+    """A few transcripts per update (response, reward) for people to read; with ``images``, also
+    PNGs of the observation beside its prompt, response and reward (written for the last update)."""
     if n <= 0:
         return
-    rewards = buffer.rewards.flatten()
+    from vlmrl.render import compose
+
+    rewards, valid = buffer.rewards.flatten(), buffer.valid.flatten()
     with open(run_dir / "samples.jsonl", "a") as f:
         for i in range(min(n, len(buffer))):
             f.write(json.dumps({"update": update, "response": buffer.response_texts[i],
-                                "reward": float(rewards[i]), "valid": bool(buffer.valid.flatten()[i])}) + "\n")
+                                "reward": float(rewards[i]), "valid": bool(valid[i])}) + "\n")
+            if images:
+                (run_dir / "samples").mkdir(exist_ok=True)
+                text = (f"PROMPT\n{buffer.prompts[i]}\n\nRESPONSE\n{buffer.response_texts[i]}\n\n"
+                        f"REWARD {float(rewards[i]):g}{'' if valid[i] else ' (unparsable: random action)'}")
+                compose(buffer.images[i], text).save(run_dir / "samples" / f"update{update}-{i}.png")
