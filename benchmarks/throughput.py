@@ -107,10 +107,18 @@ class RolloutResult:
         return self.response_tokens / self.seconds
 
 
+def _cold_caches(policy: VLMPolicy) -> None:
+    """Every timed rollout starts with empty input and boundary caches, so the order of the rows in
+    the table does not favour the later ones (within a rollout both loops reuse them alike)."""
+    policy.input_cache.clear()
+    policy.boundary_cache.clear()
+
+
 def batched_rollout(policy: VLMPolicy, task: Task, num_envs: int, num_steps: int, *, temperature: float,
                     max_new_tokens: int, seed: int = 0) -> tuple[RolloutResult, RolloutBuffer, torch.Tensor]:
     """``num_steps`` steps of ``num_envs`` envs through the trainer's ``Collector`` (one batched
     generate per step, no second forward pass). Returns the timing, the filled buffer and V(s_T)."""
+    _cold_caches(policy)
     collector = Collector(task, num_envs, seed, cot=True)
     buffer = RolloutBuffer(num_steps, num_envs)
     generator = torch.Generator().manual_seed(seed)
@@ -129,6 +137,7 @@ def per_sample_rollout(policy: VLMPolicy, task: Task, num_envs: int, env_steps: 
                        max_new_tokens: int, seed: int = 0) -> RolloutResult:
     """The structure of the paper's rollout: for each env in turn, sample its response at batch 1,
     score it again with a second forward pass (action log-prob and value), parse, step the env."""
+    _cold_caches(policy)
     envs = [task.make_env() for _ in range(num_envs)]
     state = [env.reset(seed=seed * 1000 + i) for i, env in enumerate(envs)]
     generator = torch.Generator().manual_seed(seed)

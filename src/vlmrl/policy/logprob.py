@@ -77,6 +77,46 @@ def prefix_char_ends(tokenizer: Any, ids: Sequence[int]) -> list[int]:
     return ends
 
 
+def _decoded_length(tokenizer: Any, ids: Sequence[int]) -> int:
+    return len(tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
+def first_token_past(tokenizer: Any, ids: Sequence[int], pos: int, text: str) -> int:
+    """``token_at_char(prefix_char_ends(tokenizer, ids), pos)`` with O(log T) decodes instead of T.
+
+    ``text`` is the decode of all of ``ids``. Binary search needs the decoded prefix length to be
+    non-decreasing in the prefix; that holds whenever the text is pure ASCII (no prefix can end
+    inside a multi-byte character). Otherwise (e.g. byte-fallback tokens that decode to one
+    replacement char per byte, then fewer chars once the character completes) the exact linear scan
+    runs, so the result is always the same as the slow path.
+    """
+    ids = [int(i) for i in ids]
+    if not text.isascii() or pos >= len(text):
+        return token_at_char(prefix_char_ends(tokenizer, ids), pos)
+    lo, hi = 0, len(ids) - 1  # the whole sequence decodes to text, which reaches past pos
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _decoded_length(tokenizer, ids[: mid + 1]) > pos:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def boundary_from_ids(tokenizer: Any, ids: Sequence[int], text: str | None = None) -> int:
+    """``action_boundary(text, prefix_char_ends(tokenizer, ids))`` with O(log T) decodes.
+
+    ``text`` defaults to the decode of ``ids`` (special tokens skipped, no clean-up), as in the slow path.
+    """
+    ids = [int(i) for i in ids]
+    if text is None:
+        text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    start = action_key_start(text)
+    if start is None:
+        return len(ids)
+    return first_token_past(tokenizer, ids, start, text)
+
+
 def token_at_char(char_ends: Sequence[int], pos: int) -> int:
     """Index of the first token whose text reaches past character ``pos`` (the token containing it).
 
@@ -132,7 +172,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "action_boundary",
     "action_key_start",
+    "boundary_from_ids",
     "cot_weights",
+    "first_token_past",
     "masked_mean",
     "policy_logprobs",
     "prefix_char_ends",

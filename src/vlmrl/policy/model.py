@@ -42,6 +42,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from vlmrl.config import PolicyConfig
 from vlmrl.errors import UserError
 from vlmrl.policy import logprob as lp
+from vlmrl.policy.input_cache import LRU, InputCache
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 POLICY_CONFIG_FILE = "vlmrl_policy.json"
@@ -167,6 +168,9 @@ class VLMPolicy(nn.Module):
         self.stop_token_ids = _stop_ids(self.tokenizer, self.hf_model)
         self.banned_token_ids = _placeholder_ids(self.hf_model, processor)
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.hf_model.forward).parameters
+        # speed caches (policy/input_cache.py): processor output per (image, prompt); CoT boundary per response
+        self.input_cache = InputCache(self.pad_token_id, left=self.tokenizer.padding_side == "left")
+        self.boundary_cache = LRU(max_entries=8192, max_bytes=1 << 62)  # bounded by count: ~2 kB each
 
     # --- loading and saving ---------------------------------------------------------------------
     @classmethod
@@ -221,11 +225,13 @@ class VLMPolicy(nn.Module):
     def device(self) -> torch.device:
         return self.value_head.net[0].weight.device
 
-    def prompt_texts(self, prompts: Sequence[str]) -> list[str]:
-        """Each prompt as one user turn (image + text) through the processor's chat template."""
+    def prompt_texts(self, prompts: Sequence[str], with_image: bool = True) -> list[str]:
+        """Each prompt as one user turn through the processor's chat template: image + text, or text
+        only (no image placeholder) when ``with_image`` is False (text tasks such as ALFWorld)."""
+        image_part = [{"type": "image"}] if with_image else []
         out = []
         for prompt in prompts:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            messages = [{"role": "user", "content": image_part + [{"type": "text", "text": prompt}]}]
             out.append(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         return out
 
@@ -253,13 +259,15 @@ class VLMPolicy(nn.Module):
     ) -> Encoded:
         """Prompts (one image each) and optional responses -> a left-padded batch on the policy's device.
 
-        ``responses`` are texts (tokenized, then the stop token appended: what SFT trains on) or token
-        ids as sampled (a list of lists, or a padded [B, N] tensor with ``lengths``).
+        An image of None means a text-only prompt (no image placeholder, no pixel inputs); a batch is
+        either all images or all None. ``responses`` are texts (tokenized, then the stop token
+        appended: what SFT trains on) or token ids as sampled (a list of lists, or a padded [B, N]
+        tensor with ``lengths``).
         """
         if len(images) != len(prompts):
             raise UserError(f"got {len(images)} images for {len(prompts)} prompts: give one image per prompt")
-        pil = [Image.fromarray(np.asarray(im)) if not isinstance(im, Image.Image) else im for im in images]
-        inputs = dict(self.processor(text=self.prompt_texts(prompts), images=pil, padding=True, return_tensors="pt"))
+        text_only = _text_only(images)  # checked on the whole batch, before rows are looked up one by one
+        inputs = self.input_cache(images, prompts, lambda ims, ps: self._process_prompts(ims, ps, text_only))
         ids = _response_id_lists(self, responses, lengths, len(prompts))
         inputs, mask = _append_left_padded(inputs, ids, self.pad_token_id)
         return Encoded(
@@ -268,6 +276,13 @@ class VLMPolicy(nn.Module):
             response_lengths=torch.tensor([len(r) for r in ids], dtype=torch.long, device=self.device),
             response_ids=ids,
         )
+
+    def _process_prompts(self, images: Sequence[Any], prompts: Sequence[str], text_only: bool) -> dict[str, torch.Tensor]:
+        """The processor on a batch of prompts (chat template, image preprocessing, left padding)."""
+        if text_only:
+            return dict(self.processor(text=self.prompt_texts(prompts, with_image=False), padding=True, return_tensors="pt"))
+        pil = [Image.fromarray(np.asarray(im)) if not isinstance(im, Image.Image) else im for im in images]
+        return dict(self.processor(text=self.prompt_texts(prompts), images=pil, padding=True, return_tensors="pt"))
 
     # --- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -342,9 +357,12 @@ class VLMPolicy(nn.Module):
         lam = self.config.thought_weight if thought_weight is None else thought_weight
         bounds = []
         for ids in response_ids:
-            ids = [int(i) for i in ids]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            bounds.append(lp.action_boundary(text, lp.prefix_char_ends(self.tokenizer, ids)))
+            key = tuple(int(i) for i in ids)  # PPO epochs score the same responses again
+            bound = self.boundary_cache.get(key)
+            if bound is None:
+                bound = lp.boundary_from_ids(self.tokenizer, key)  # O(log T) decodes, same as the slow path
+                self.boundary_cache.put(key, bound, len(key))
+            bounds.append(bound)
         boundaries = torch.tensor(bounds, dtype=torch.long)
         lengths = torch.tensor([len(ids) for ids in response_ids], dtype=torch.long)
         return lp.cot_weights(boundaries, lengths, width, lam), boundaries
@@ -580,6 +598,18 @@ def _placeholder_ids(model: nn.Module, processor: Any) -> list[int]:
 
 
 # --- batching helpers ------------------------------------------------------------------------------
+
+
+def _text_only(images: Sequence[Any]) -> bool:
+    """True when every image is None (a text-only batch), False when none is; a mix is refused,
+    since one padded batch cannot hold rows with and without pixel inputs for every architecture."""
+    missing = sum(im is None for im in images)
+    if 0 < missing < len(images):
+        raise UserError(
+            f"{missing} of {len(images)} prompts have no image: a batch must be all images or all text-only "
+            "(None); split it by whether the observation has an image"
+        )
+    return missing == len(images) > 0
 
 
 def _response_id_lists(policy: VLMPolicy, responses: Any, lengths: Any, batch: int) -> list[list[int]]:
