@@ -40,26 +40,8 @@ def test_check_env():
     assert env.observation_space.shape == (300, 300, 3)
 
 
-def rollout(seed: int, n: int = 50):
-    env = gym.make("vlmrl/Blackjack-v0")
-    actions = np.random.default_rng(seed).integers(2, size=n)
-    obs, info = env.reset(seed=seed)
-    trace = [(obs, None, info)]
-    for a in actions:
-        obs, r, term, trunc, info = env.step(int(a))
-        trace.append((obs, r, info))
-        if term or trunc:
-            obs, info = env.reset()
-            trace.append((obs, None, info))
-    return trace
 
 
-def test_same_seed_same_rollout_across_resets():
-    a, b, c = rollout(3), rollout(3), rollout(4)
-    assert sum(r is None for _, r, _ in a) >= 10
-    for (oa, ra, ia), (ob, rb, ib) in zip(a, b, strict=True):
-        assert np.array_equal(oa, ob) and ra == rb and ia == ib
-    assert any(ia != ic for (_, _, ia), (_, _, ic) in zip(a, c))
 
 
 def test_hand_total():

@@ -35,24 +35,8 @@ def test_check_env_and_spaces():
     assert obs.shape == (300, 300, 3) and obs.dtype == np.uint8 and np.array_equal(env.render(), obs)
 
 
-def rollout(seed, steps=50):
-    env = make()
-    rng = np.random.default_rng(seed)
-    obs, info = env.reset(seed=seed)
-    out = [(obs, info)]
-    for k in range(steps):
-        obs, r, term, trunc, info = env.step(int(rng.integers(13)))
-        out.append((obs, r, term, trunc, info))
-        if term or trunc:
-            out.append(env.reset(seed=seed * 1000 + k))
-    return out
 
 
-def test_same_seed_same_rollout():
-    a, b = rollout(3), rollout(3)
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert np.array_equal(x[0], y[0]) and x[1:] == y[1:]
 
 
 def test_deals_follow_the_paper():

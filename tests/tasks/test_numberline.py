@@ -28,27 +28,8 @@ def test_check_env():
     assert env.observation_space.shape == (300, 300, 3) and env.observation_space.dtype == np.uint8
 
 
-def rollout(env, seed: int, n: int = 50):
-    actions = np.random.default_rng(seed).integers(2, size=n)
-    obs, info = env.reset(seed=seed)
-    trace = [(obs, None, info)]
-    for a in actions:
-        obs, r, term, trunc, info = env.step(int(a))
-        trace.append((obs, r, info))
-        if term or trunc:
-            obs, info = env.reset()
-            trace.append((obs, None, info))
-    return trace
 
 
-def test_same_seed_same_rollout_across_resets():
-    a = rollout(gym.make("vlmrl/NumberLine-v0"), seed=7)
-    b = rollout(gym.make("vlmrl/NumberLine-v0"), seed=7)
-    assert sum(r is None for _, r, _ in a) >= 3  # several episodes, not one
-    for (oa, ra, ia), (ob, rb, ib) in zip(a, b, strict=True):
-        assert np.array_equal(oa, ob) and ra == rb and ia == ib
-    c = rollout(gym.make("vlmrl/NumberLine-v0"), seed=8)
-    assert any(ia != ic for (_, _, ia), (_, _, ic) in zip(a, c))
 
 
 def test_reset_start_differs_from_target_and_covers_all_pairs():

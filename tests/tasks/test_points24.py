@@ -42,27 +42,8 @@ def test_action_words_match_the_paper():
     assert wide.make_env().unwrapped.action_words == wide.action_words
 
 
-def rollout(seed, steps=50):
-    env = make()
-    rng = np.random.default_rng(seed)
-    obs, info = env.reset(seed=seed)
-    out = [(obs, info)]
-    for k in range(steps):
-        obs, r, term, trunc, info = env.step(int(rng.integers(env.action_space.n)))
-        out.append((obs, r, term, trunc, info))
-        if term or trunc:
-            out.append(env.reset(seed=seed * 1000 + k))
-    return out
 
 
-def test_same_seed_same_rollout():
-    a, b = rollout(7), rollout(7)
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert np.array_equal(x[0], y[0])
-        assert x[1:] == y[1:]
-    c = rollout(8)
-    assert any(x[1]["values"] != y[1]["values"] for x, y in zip(a, c) if len(x) == 2 and len(y) == 2) or len(a) != len(c)
 
 
 def test_observation_and_info():
