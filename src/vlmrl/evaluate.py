@@ -102,7 +102,9 @@ class ModelPolicy:
 
         prompts = [self.task.prompt(info, self.cot) for info in infos]
         images = [o if isinstance(o, np.ndarray) and o.ndim == 3 else None for o in observations]
-        with torch.no_grad():
+        from vlmrl.policy.model import cpu_threads
+
+        with torch.no_grad(), cpu_threads(self.policy):
             gen = self.policy.generate(images, prompts, temperature=self.temperature,
                                        max_new_tokens=self.max_new_tokens, seed=self.generator)
         return gen.texts

@@ -7,6 +7,7 @@ whose rollouts take different times never time out a collective while collecting
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -53,7 +54,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     """
     from accelerate import Accelerator
 
-    from vlmrl.policy.model import VLMPolicy
+    from vlmrl.policy.model import VLMPolicy, cpu_threads
     from vlmrl.sft import resolve_model
 
     ppo = cfg.ppo
@@ -125,6 +126,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     bar = tqdm(total=cfg.total_updates, initial=counters["update"], desc=f"ppo {task.name}",
                disable=not (progress and main))
     nan_in_a_row = 0
+    scope = contextlib.ExitStack()  # what the run changes in the process, undone in `finally`
+    scope.enter_context(cpu_threads(policy))
     try:
         for update in range(counters["update"], cfg.total_updates):
             # 1. collect num_steps x num_envs transitions with the current policy
@@ -239,6 +242,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             if (cfg.checkpoint_every and counters["update"] % cfg.checkpoint_every == 0) or last:
                 _checkpoint(accelerator, run_dir, cfg, policy, optimizer, scheduler, counters, generators, collector)
     finally:
+        scope.close()
         bar.close()
         collector.close()
         if logger is not None:

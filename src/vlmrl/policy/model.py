@@ -439,6 +439,28 @@ class VLMPolicy(nn.Module):
         )
 
 
+#: Below this many parameters a model is bound by per-op overhead on a CPU: a second torch thread is
+#: hardly faster on an idle machine and much slower on a busy one (OpenMP threads spin and contend).
+SMALL_MODEL_PARAMS = 5_000_000
+
+
+@contextlib.contextmanager
+def cpu_threads(policy: "VLMPolicy", threads: int = 0) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads, then restore the count.
+
+    ``threads=0`` is automatic: one thread for a model under ``SMALL_MODEL_PARAMS`` on the CPU (the
+    tiny preset), torch's setting otherwise.
+    """
+    before = torch.get_num_threads()
+    small = sum(p.numel() for p in policy.parameters()) < SMALL_MODEL_PARAMS
+    if threads or (small and policy.device.type == "cpu"):
+        torch.set_num_threads(threads or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # --- loading helpers --------------------------------------------------------------------------------
 
 
