@@ -32,7 +32,8 @@ def _make_policy(name: str, task, seed: int, cot: bool, args: argparse.Namespace
         return ExpertPolicy(task, cot=cot)
     from vlmrl.evaluate import ModelPolicy  # noqa: PLC0415  (imports torch and transformers)
 
-    return ModelPolicy.load(name, task, cot=cot, temperature=args.temperature, seed=seed)
+    return ModelPolicy.load(name, task, cot=cot, temperature=args.temperature, seed=seed,
+                            max_new_tokens=args.max_new_tokens)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -70,6 +71,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     cfg = SFTConfig(
         task=task.name, model=args.model, out_dir=args.out, episodes=args.episodes,
+        env_kwargs={"split": args.split} if args.split else {}, expert_only=args.expert_only,
         random_action_fraction=args.random_fraction, cot=not args.no_cot, lr=args.lr,
         batch_size=args.batch_size, steps=args.steps, seed=args.seed, finetune=args.finetune,
         checkpoint_every=args.checkpoint_every, image_size=args.image_size,
@@ -130,10 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning on the task expert's demonstrations")
     p.add_argument("task")
     p.add_argument("--model", default="tiny", help="a Hugging Face VLM folder, or 'tiny' (built offline)")
-    p.add_argument("--episodes", type=_positive_int, default=400, help="demonstration episodes")
+    p.add_argument("--episodes", type=_positive_int, default=400,
+                   help="demonstration episodes (ALFWorld: distinct games of the split)")
     p.add_argument("--out", required=True)
     p.add_argument("--random-fraction", type=float, default=0.0,
                    help="probability of a random action per demonstration step (an imperfect start)")
+    p.add_argument("--expert-only", action="store_true",
+                   help="learn only the expert's answers (random actions just take detours)")
+    p.add_argument("--split", default=None, help="ALFWorld split of the demonstration games, e.g. train")
     p.add_argument("--no-cot", action="store_true")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=_positive_int, default=16)
@@ -167,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-envs", type=_positive_int, default=16, help="episodes played at once (one batch)")
     p.add_argument("--temperature", type=float, default=0.2, help="sampling temperature of model policies")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="longest response sampled from a model policy (default: the policy's own, 256)")
     p.add_argument("--no-cot", action="store_true", help="action-only prompt (the paper's ablation)")
     p.add_argument("--split", default=None, help="ALFWorld split, e.g. valid_unseen")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")

@@ -94,7 +94,7 @@ class ModelPolicy:
             raise UserError(f"policy {path!r}: use random, expert, or a policy folder written by sft/train")
         # A folder saved by VLMPolicy.save knows its own settings; a plain HF folder is scored as is.
         config = None if (folder / POLICY_CONFIG_FILE).is_file() else PolicyConfig(finetune="none")
-        source = str(resolve_model(path)) if config is not None else path
+        source = str(resolve_model(path, task.name)) if config is not None else path
         return cls(VLMPolicy.load(source, config), task, cot, temperature, seed, max_new_tokens, name=name or str(path))
 
     def act(self, observations, infos):

@@ -3,21 +3,23 @@
 Demonstrations come from playing seeded episodes with the task's expert, optionally mixed with random
 actions (``random_action_fraction``) to make a deliberately imperfect starting policy, as in RL4VLM.
 Each step is one (image, prompt, response) example whose response is ``task.response(info, a, cot)``
-for the action ``a`` actually taken. The loss is the cross-entropy of the response tokens only (and
-the end-of-turn token, so the model learns to stop). The result is saved with ``save_pretrained``
-(model + processor), so ``vlmrl eval TASK --policy DIR`` and PPO load it like any checkpoint.
+for the action ``a`` actually taken; text tasks (ALFWorld) give examples without an image. The loss
+is the cross-entropy of the response tokens only (and the end-of-turn token, so the model learns to
+stop). The result is saved with ``save_pretrained`` (model + processor), so
+``vlmrl eval TASK --policy DIR`` and PPO load it like any checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,7 +34,6 @@ from vlmrl.evaluate import HELD_OUT_SEED_BASE
 from vlmrl.tasks import Task, get_task
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, image, padding)
-SMALL_MODEL_PARAMS = 5_000_000  # below this, one CPU thread (see SFTConfig.threads)
 
 
 @dataclass
@@ -42,16 +43,22 @@ class SFTConfig:
 
     # task name, e.g. "NumberLine"
     task: str = "NumberLine"
+    # keyword arguments of the task's env, e.g. {"split": "train"} for ALFWorld
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
     # a Hugging Face model folder, or "tiny" for the offline tiny preset (built and cached on first use)
     model: str = "tiny"
     # where the final model + processor (and checkpoints/) go
     out_dir: str = "runs/sft"
-    # demonstration episodes played (seeds seed * 1_000_000 + i, below the held-out evaluation range)
+    # demonstration episodes played (seeds seed * 1_000_000 + i, below the held-out evaluation range);
+    # ALFWorld: ``episodes`` distinct games of the split (in a seeded order), each played once
     episodes: int = 400
     # per step, probability of a uniformly random action instead of the expert's (imperfect policies)
     random_action_fraction: float = 0.0
     # chain-of-thought responses (state fields + thoughts before "action"), else the action only
     cot: bool = True
+    # learn only the expert's answers: random actions then only take the episode off the expert's
+    # path (ALFWorld: detours it recovers from), instead of teaching a deliberately imperfect policy
+    expert_only: bool = False
     # "full" (every weight) or "lora" (adapters on the language model, merged into the saved weights)
     finetune: str = "full"
     # train the vision tower as well (needed for a model built from scratch, like the tiny preset)
@@ -73,7 +80,7 @@ class SFTConfig:
     checkpoint_every: int = 0
     # processor resize override: images go in as image_size x image_size (None: the model's own)
     image_size: int | None = None
-    # torch CPU threads; 0: 1 for a model under SMALL_MODEL_PARAMS on the CPU (the tiny preset),
+    # torch CPU threads; 0: 1 for a model under policy.model.SMALL_MODEL_PARAMS on the CPU (tiny preset),
     # torch's default otherwise. Tiny models are bound by per-op overhead: 2 threads are hardly faster
     # on an idle machine and thrash on a busy one (measured at load 8 on 2 cores: 25 steps took
     # 200 s with 2 threads, while 1 thread ran 200 steps in 130 s)
@@ -83,7 +90,7 @@ class SFTConfig:
 
 @dataclass
 class Demo:
-    image: np.ndarray  # (H, W, 3) uint8 observation
+    image: np.ndarray | None  # (H, W, 3) uint8 observation; None for a text-only task
     prompt: str
     response: str
     expert: bool  # whether the action taken was the expert's
@@ -99,31 +106,88 @@ def collect_demonstrations(
     cot: bool = True,
     seed: int = 0,
     max_steps: int = 100,
+    env_kwargs: dict[str, Any] | None = None,
 ) -> list[Demo]:
     """Play ``episodes`` seeded episodes; at each step take a random action with the given probability.
 
     Episode i resets with seed ``seed * 1_000_000 + i``; action choices draw from
     ``np.random.default_rng(seed)``, so the same arguments give the same demonstrations.
+    An env with a fixed list of games (ALFWorld's ``games``, sorted by task type) plays ``episodes``
+    distinct games instead, in an order shuffled by ``seed`` so that every task type is covered (a
+    seeded draw would repeat games, and loading a new one costs about a second). An episode ends
+    early where the expert has no answer (ALFWorld's walkthrough after a random action changed the
+    world).
     """
     if not 0.0 <= random_action_fraction <= 1.0:
         raise UserError(f"random_action_fraction must be in [0, 1], got {random_action_fraction}")
     rng = np.random.default_rng(seed)
-    env = task.make_env()
+    env = task.make_env(**(env_kwargs or {}))
+    games = getattr(env.unwrapped, "games", None)
+    if games is not None and episodes > len(games):
+        raise UserError(f"{task.name}: asked for {episodes} demonstration games, the split has {len(games)}: lower episodes")
+    order = np.random.default_rng([seed, 1]).permutation(len(games)).tolist() if games is not None else []
     demos: list[Demo] = []
     try:
         for i in range(episodes):
-            obs, info = env.reset(seed=seed * 1_000_000 + i)
+            if games is not None:
+                obs, info = env.reset(seed=seed * 1_000_000 + i, options={"game": order[i]})
+            else:
+                obs, info = env.reset(seed=seed * 1_000_000 + i)
             for _ in range(max_steps):
-                expert = task.expert_action(info)
+                try:
+                    expert = task.expert_action(info)
+                except ValueError:  # the expert lost track (ALFWorld off its walkthrough): stop here
+                    break
                 action = expert
                 if rng.random() < random_action_fraction:
                     action = int(rng.integers(len(task.legal_actions(info))))
-                demos.append(Demo(np.asarray(obs), task.prompt(info, cot), task.response(info, action, cot), action == expert))
+                demos.append(Demo(_image(obs), task.prompt(info, cot), task.response(info, action, cot), action == expert))
                 obs, _, terminated, truncated, info = env.step(action)
                 if terminated or truncated:
                     break
     finally:
         env.close()
+    return demos
+
+
+def _image(obs: Any) -> np.ndarray | None:
+    """The observation as an image array, or None for a text observation."""
+    return None if isinstance(obs, str) else np.asarray(obs)
+
+
+DEMO_CACHE_VERSION = "1"
+
+
+def cached_demonstrations(
+    task: Task,
+    episodes: int,
+    random_action_fraction: float = 0.0,
+    cot: bool = True,
+    seed: int = 0,
+    env_kwargs: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[Demo]:
+    """``collect_demonstrations`` for a text-only task, kept as JSON lines under ``cache_dir``.
+
+    ALFWorld's demonstrations cost about 2 s a game (loading it, then its walkthrough), so runs that
+    share them (SFT, the tokenizer of the tiny model, benchmarks) read them back. The file name is a
+    digest of the arguments and of the task class's source, so a changed prompt collects afresh.
+    """
+    if not task.text_only:
+        raise UserError(f"{task.name} has image observations: call collect_demonstrations (images are not cached)")
+    spec = [DEMO_CACHE_VERSION, task.name, episodes, random_action_fraction, cot, seed, env_kwargs or {},
+            inspect.getsource(type(task))]
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    root = Path(cache_dir or os.environ.get("VLMRL_CACHE") or Path.home() / ".cache" / "vlmrl") / "demos"
+    path = root / f"{task.name}-{episodes}-{digest}.jsonl"
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [Demo(None, r["prompt"], r["response"], r["expert"]) for r in rows]
+    demos = collect_demonstrations(task, episodes, random_action_fraction, cot, seed, env_kwargs=env_kwargs)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps({"prompt": d.prompt, "response": d.response, "expert": d.expert}) + "\n" for d in demos))
+    tmp.replace(path)  # atomic: a reader sees all of it or none
     return demos
 
 
@@ -151,8 +215,9 @@ def encode_all(policy: Any, demos: Sequence[Demo]) -> list[dict[str, torch.Tenso
     cache: dict[tuple[bytes, str, str], dict[str, torch.Tensor]] = {}
     out = []
     for d in demos:
-        image = np.ascontiguousarray(d.image)
-        key = (hashlib.sha1(image.tobytes()).digest() + str(image.shape).encode(), d.prompt, d.response)
+        image = None if d.image is None else np.ascontiguousarray(d.image)
+        seen = b"" if image is None else hashlib.sha1(image.tobytes()).digest() + str(image.shape).encode()
+        key = (seen, d.prompt, d.response)
         if key not in cache:
             cache[key] = encode_example(policy, image, d.prompt, d.response)
         out.append(cache[key])
@@ -194,12 +259,13 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 # --- training --------------------------------------------------------------------------------------
 
 
-def resolve_model(model: str) -> Path:
-    """``"tiny"`` -> the cached tiny preset; otherwise a local Hugging Face model folder."""
+def resolve_model(model: str, task: str | None = None) -> Path:
+    """``"tiny"`` -> the cached tiny preset (ALFWorld's own for ``task="ALFWorld"``); otherwise a
+    local Hugging Face model folder."""
     if model == "tiny":
         from vlmrl.policy.tiny import tiny_preset_path
 
-        return tiny_preset_path()
+        return tiny_preset_path(task=task)
     path = Path(model)
     if not (path / "config.json").is_file():
         raise UserError(f"model {model!r} is not a model folder (no config.json): pass 'tiny' or a folder saved with save_pretrained")
@@ -253,11 +319,14 @@ def _validate(cfg: SFTConfig) -> None:
             raise UserError(f"sft: {message}")
 
 
-def run_sft(cfg: SFTConfig, callback: Callable[[int, Any], None] | None = None) -> Path:
+def run_sft(cfg: SFTConfig, callback: Callable[[int, Any], None] | None = None,
+            demos: Sequence[Demo] | None = None) -> Path:
     """Collect demonstrations, fine-tune on the response tokens, save model + processor to ``out_dir``.
 
     ``callback(step, policy)``, if given, runs after every optimiser step with the ``VLMPolicy``
     being trained (for learning curves: ``policy.generate`` restores train mode itself).
+    ``demos``, if given, are trained on instead of collecting ``cfg.episodes`` episodes (e.g. several
+    cached ALFWorld sets joined).
     """
     _validate(cfg)
     task = get_task(cfg.task)
@@ -266,21 +335,29 @@ def run_sft(cfg: SFTConfig, callback: Callable[[int, Any], None] | None = None) 
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # for any dropout; shuffling has its own generator
-            return _train(cfg, task, callback)
+            return _train(cfg, task, callback, demos)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: SFTConfig, task: Task, callback: Callable[[int, Any], None] | None) -> Path:
+def _train(cfg: SFTConfig, task: Task, callback: Callable[[int, Any], None] | None,
+           demos: Sequence[Demo] | None = None) -> Path:
     out = Path(cfg.out_dir)
     started = time.perf_counter()
 
-    policy = load_policy(resolve_model(cfg.model), cfg.image_size, cfg.finetune, cfg.train_vision, cfg.dtype)
+    from vlmrl.policy.model import set_cpu_threads
+
+    policy = load_policy(resolve_model(cfg.model, task.name), cfg.image_size, cfg.finetune, cfg.train_vision, cfg.dtype)
     model, processor = policy.model, policy.processor  # model: the peft wrapper under LoRA
-    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
-    if cfg.threads or (small and policy.device.type == "cpu"):
-        torch.set_num_threads(cfg.threads or 1)
-    demos = collect_demonstrations(task, cfg.episodes, cfg.random_action_fraction, cfg.cot, cfg.seed)
+    set_cpu_threads(policy, cfg.threads)  # run_sft restores the process's thread count
+    if demos is None and task.text_only:
+        demos = cached_demonstrations(task, cfg.episodes, cfg.random_action_fraction, cfg.cot, cfg.seed, cfg.env_kwargs)
+    elif demos is None:
+        demos = collect_demonstrations(task, cfg.episodes, cfg.random_action_fraction, cfg.cot, cfg.seed,
+                                       env_kwargs=cfg.env_kwargs)
+    demos = [d for d in demos if d.expert or not cfg.expert_only]
+    if not demos:
+        raise UserError(f"sft: no demonstrations collected for {task.name}: raise episodes")
     examples = encode_all(policy, demos)
     pad_id = policy.pad_token_id
     total = cfg.steps or max(1, math.ceil(cfg.epochs * len(examples) / cfg.batch_size))
@@ -360,4 +437,4 @@ def save_final(model: Any, processor: Any, out: Path, summary: dict[str, Any]) -
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["Demo", "SFTConfig", "collate", "collect_demonstrations", "encode_all", "encode_example", "load_policy", "lr_factor", "run_sft"]
+__all__ = ["Demo", "SFTConfig", "cached_demonstrations", "collate", "collect_demonstrations", "encode_all", "encode_example", "load_policy", "lr_factor", "run_sft"]

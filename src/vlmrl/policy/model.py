@@ -452,13 +452,18 @@ def cpu_threads(policy: "VLMPolicy", threads: int = 0) -> Iterator[None]:
     tiny preset), torch's setting otherwise.
     """
     before = torch.get_num_threads()
-    small = sum(p.numel() for p in policy.parameters()) < SMALL_MODEL_PARAMS
-    if threads or (small and policy.device.type == "cpu"):
-        torch.set_num_threads(threads or 1)
+    set_cpu_threads(policy, threads)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def set_cpu_threads(policy: "VLMPolicy", threads: int = 0) -> None:
+    """Set torch's CPU thread count for ``policy`` (``threads=0``: automatic, see ``cpu_threads``)."""
+    small = sum(p.numel() for p in policy.parameters()) < SMALL_MODEL_PARAMS
+    if threads or (small and policy.device.type == "cpu"):
+        torch.set_num_threads(threads or 1)
 
 
 # --- loading helpers --------------------------------------------------------------------------------

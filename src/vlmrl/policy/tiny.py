@@ -7,7 +7,9 @@ any text encodes (no unknown token), so the model can be prompted and sampled li
 The folder loads back with ``AutoModelForImageTextToText.from_pretrained`` and
 ``AutoProcessor.from_pretrained`` (after ``import vlmrl.policy``, which registers the processors).
 
-``tiny_preset_path()`` builds the ``--model tiny`` preset once and caches it.
+``tiny_preset_path()`` builds the ``--model tiny`` preset once and caches it;
+``tiny_preset_path(task="ALFWorld")`` builds ALFWorld's own (a wider text vocabulary and context,
+its tokenizer trained on train-split walkthroughs; the vision tower is there but never used).
 """
 
 from __future__ import annotations
@@ -192,14 +194,14 @@ def chat_template(image_text: str) -> str:
     )
 
 
-def _wrap_tokenizer(tok: Tokenizer, template: str) -> PreTrainedTokenizerFast:
+def _wrap_tokenizer(tok: Tokenizer, template: str, max_length: int = 2048) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=EOS,
         pad_token=PAD,
         padding_side="left",  # batched generation appends on the right
         chat_template=template,
-        model_max_length=2048,
+        model_max_length=max_length,
         clean_up_tokenization_spaces=False,
     )
 
@@ -364,7 +366,7 @@ def build_tiny_vlm(
     tok = train_tokenizer(texts, size.vocab_size)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     image_text = VISION_START + IMAGE_PAD + VISION_END if arch in PROCESSOR_FOR_ARCH else LLAVA_IMAGE
-    tokenizer = _wrap_tokenizer(tok, chat_template(image_text))
+    tokenizer = _wrap_tokenizer(tok, chat_template(image_text), size.max_position_embeddings)
     processor = _processor(arch, size, tokenizer)
 
     config = _config(arch, size, tok.get_vocab_size(), ids)
@@ -391,26 +393,67 @@ TINY_VERSION = "1"
 TINY_PRESET: dict[str, Any] = {"arch": "qwen2_vl", "initializer_range": 0.15}
 
 
-def tiny_preset_path(cache_dir: str | os.PathLike | None = None) -> Path:
+#: ALFWorld's tiny preset: the same Qwen2-VL class, sized for text. Prompts run to ~400-800 tokens
+#: (room description + a few dozen admissible commands), so a larger vocabulary (fewer tokens per
+#: command), a longer context and a wider, deeper LM that can learn to copy a command from the list.
+ALFWORLD_PRESET: dict[str, Any] = {
+    "arch": "qwen2_vl", "hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
+    "intermediate_size": 384, "vocab_size": 4096, "max_position_embeddings": 4096,
+    "vision_hidden_size": 32, "vision_layers": 1, "vision_heads": 2, "initializer_range": 0.1,
+}
+#: train games whose walkthroughs (prompts and responses, CoT and action-only) train its tokenizer
+ALFWORLD_TOKENIZER_GAMES = 40
+
+
+def alfworld_texts(games: int = ALFWORLD_TOKENIZER_GAMES, seed: int = 0) -> list[str]:
+    """Prompts and CoT walkthrough responses of ``games`` train-split ALFWorld games (needs
+    ALFWORLD_DATA); the action-only answer is a suffix of the CoT one, so it needs no text of its own.
+
+    Read through ``vlmrl.sft.cached_demonstrations``: collected once (about 2 s a game), then cached.
+    """
+    from vlmrl.sft import cached_demonstrations
+    from vlmrl.tasks import get_task
+
+    demos = cached_demonstrations(get_task("ALFWorld"), games, 0.0, True, seed, {"split": "train"})
+    return [text for d in demos for text in (d.prompt, d.response)]
+
+
+def tiny_preset_path(cache_dir: str | os.PathLike | None = None, task: str | None = None) -> Path:
     """The ``--model tiny`` preset, built on first use and cached under ``cache_dir``.
 
     ``cache_dir`` defaults to ``$VLMRL_CACHE`` or ``~/.cache/vlmrl``. The folder name carries the
     preset version and a digest of the tokenizer's training text, so a change in the tasks' prompts
     builds a fresh preset instead of reusing a stale tokenizer. The build goes to a temporary folder
     renamed into place, so concurrent or interrupted builds never leave a half-written model.
+    ``task="ALFWorld"`` gives ``ALFWORLD_PRESET``, whose digest covers the preset and the ALFWorld task
+    class's source instead of the text (playing the games just to name the folder would take minutes).
+    Any other task (or None) gives the card-task preset.
     """
-    texts = task_texts() or _FALLBACK_TEXTS
-    size = _size_from({k: v for k, v in TINY_PRESET.items() if k != "arch"})
-    spec = [TINY_PRESET["arch"], dataclasses.asdict(size), texts]
+    if task is not None and task.removeprefix("vlmrl/").removesuffix("-v0").casefold() == "alfworld":
+        import inspect
+
+        from vlmrl.tasks.alfworld import ALFWorldTask
+
+        preset = ALFWORLD_PRESET
+        spec: list[Any] = ["ALFWorld", preset, ALFWORLD_TOKENIZER_GAMES, inspect.getsource(ALFWorldTask)]
+        name, texts = "tiny-alfworld", None
+    else:
+        preset = TINY_PRESET
+        texts = task_texts() or _FALLBACK_TEXTS
+        size = _size_from({k: v for k, v in TINY_PRESET.items() if k != "arch"})
+        spec = [TINY_PRESET["arch"], dataclasses.asdict(size), texts]
+        name = "tiny"
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(cache_dir or os.environ.get("VLMRL_CACHE") or Path.home() / ".cache" / "vlmrl")
-    path = root / f"tiny-{TINY_VERSION}-{digest}"
+    path = root / f"{name}-{TINY_VERSION}-{digest}"
     if (path / "config.json").exists():
         return path
+    if texts is None:
+        texts = alfworld_texts()
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{TINY_VERSION}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{TINY_VERSION}-", dir=root))
     try:
-        build_tiny_vlm(tmp, texts=texts, **TINY_PRESET)
+        build_tiny_vlm(tmp, texts=texts, **preset)
         try:
             tmp.rename(path)
         except OSError:  # another process finished first: keep its copy
@@ -421,4 +464,4 @@ def tiny_preset_path(cache_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-__all__ = ["ARCHS", "TINY_PRESET", "TINY_VERSION", "TinySize", "build_tiny_vlm", "task_texts", "tiny_preset_path", "train_tokenizer"]
+__all__ = ["ALFWORLD_PRESET", "ARCHS", "TINY_PRESET", "alfworld_texts", "TINY_VERSION", "TinySize", "build_tiny_vlm", "task_texts", "tiny_preset_path", "train_tokenizer"]

@@ -32,6 +32,8 @@ class Task:
     action_words: tuple[str, ...] = ()
     #: (field name, hint) for each piece of state the agent reads from the observation
     state_fields: tuple[tuple[str, str], ...] = ()
+    #: True when observations are text only (no image): the policy then builds a text-only prompt
+    text_only: bool = False
 
     # --- per task -------------------------------------------------------------------------------
     def read_state(self, info: Info) -> tuple[str, ...]:
