@@ -118,3 +118,19 @@ def test_caller_dict_is_not_mutated():
     source = {"ppo": {"lr": 1e-4}}
     load_config(TrainConfig, source, {"ppo.lr": 2e-4})
     assert source == {"ppo": {"lr": 1e-4}}
+
+
+def test_env_kwargs_take_a_table_and_dotted_overrides():
+    from vlmrl.config import TrainConfig, load_config
+
+    cfg = load_config(TrainConfig, {"env_kwargs": {"split": "valid_seen"}}, {"env_kwargs.max_steps": 20})
+    assert cfg.env_kwargs == {"split": "valid_seen", "max_steps": 20}
+    with pytest.raises(UserError, match="env_kwargs"):
+        load_config(TrainConfig, {"env_kwargs": ["split"]})
+
+
+def test_an_option_the_env_does_not_take_is_a_user_error():
+    from vlmrl.tasks import get_task
+
+    with pytest.raises(UserError, match="does not take"):
+        get_task("NumberLine").make_env(split="train")

@@ -94,6 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides[key] = value
     if args.no_cot:
         overrides["cot"] = False
+    if args.split:
+        overrides["env_kwargs.split"] = args.split
     source = args.config
     if args.resume and source is None and args.out and (Path(args.out) / "config.json").is_file():
         source = str(Path(args.out) / "config.json")  # continue with the run's own settings
@@ -162,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-steps", type=_positive_int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-cot", action="store_true", help="action-only prompt (the paper's ablation)")
+    p.add_argument("--split", default=None, help="ALFWorld split of the training games (env_kwargs.split)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)

@@ -131,6 +131,8 @@ class TrainConfig:
     task: str = "NumberLine"
     # Local folder of a Hugging Face model + processor (e.g. an SFT checkpoint).
     model: str = ""
+    # Keyword arguments for the task's environment, e.g. {"split": "train"} for ALFWorld.
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
     # Parallel environments; the policy samples one batch of num_envs responses per step.
     num_envs: int = 4
     # Steps per environment per update; num_envs * num_steps transitions per update (paper: 1 x 512).
@@ -401,6 +403,11 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         if value in args:
             return value
         raise UserError(f"config field {name!r} must be one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _type_error(name, tp, value)
+        inner = args[1] if args else Any
+        return {str(k): _convert(inner, v, f"{name}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise _type_error(name, tp, value)

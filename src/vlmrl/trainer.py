@@ -99,7 +99,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     model, optimizer = accelerator.prepare(policy, optimizer)
     policy = accelerator.unwrap_model(model)  # sampling and saving go around the DDP wrapper
 
-    collector = Collector(task, cfg.num_envs, cfg.seed, cfg.cot, rank)
+    collector = Collector(task, cfg.num_envs, cfg.seed, cfg.cot, rank, env_kwargs=cfg.env_kwargs)
     buffer = RolloutBuffer(cfg.num_steps, cfg.num_envs)
     sampling = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
     shuffling = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 2)

@@ -58,7 +58,12 @@ class Task:
         return self.action_words
 
     def make_env(self, **kwargs: Any) -> gym.Env:
-        return gym.make(self.env_id, **kwargs)
+        try:
+            return gym.make(self.env_id, **kwargs)
+        except TypeError as e:  # an option the environment does not take
+            from vlmrl.errors import UserError
+
+            raise UserError(f"{self.env_id} does not take the options {kwargs}: {e}") from None
 
     def prompt(self, info: Info, cot: bool = True) -> str:
         """The user message for one step (the image is attached separately by the policy)."""
