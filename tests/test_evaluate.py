@@ -51,3 +51,25 @@ def test_held_out_and_training_seeds_never_meet():
     assert max(seeds) < held_out_seed(0, 0) and len(set(seeds)) == len(seeds)
     with pytest.raises(ValueError):
         evaluate(get_task("NumberLine"), RandomPolicy(get_task("NumberLine")), 0)
+
+
+def test_an_env_that_reports_won_decides_success_not_the_return(monkeypatch):
+    import gymnasium as gym
+
+    class Stall(gym.Env):
+        """A lost episode with a positive return, like ALFWorld's per-step goal-condition reward."""
+
+        observation_space = gym.spaces.Box(0, 255, (4, 4, 3), dtype="uint8")
+        action_space = gym.spaces.Discrete(2)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            return self.observation_space.sample() * 0, {"current": 0, "target": 1, "won": False}
+
+        def step(self, action):
+            return self.observation_space.sample() * 0, 0.5, False, True, {"current": 0, "target": 1, "won": False}
+
+    task = get_task("NumberLine")
+    monkeypatch.setattr(task, "make_env", lambda **kw: Stall())
+    r = evaluate(task, ExpertPolicy(task), 5, progress=False)
+    assert r.mean_return == 0.5 and r.success_rate == 0.0

@@ -2,7 +2,8 @@
 
 Every policy, the random and expert baselines included, answers with text that goes through the same
 parser as a model's, so the invalid-action rate means the same thing for all of them. Success is an
-episode return > 0, as in RL4VLM. Held-out episodes use seeds from ``HELD_OUT_SEED_BASE`` up, a range
+episode return > 0, as in RL4VLM, except where the env reports ``info["won"]`` (ALFWorld, whose
+per-step goal-condition reward makes a lost episode's return positive). Held-out episodes use seeds from ``HELD_OUT_SEED_BASE`` up, a range
 that training and SFT never draw from, so evaluation never replays a training episode.
 """
 
@@ -169,6 +170,7 @@ def evaluate(
         raise ValueError("episodes must be positive")
     envs = [task.make_env(**(env_kwargs or {})) for _ in range(min(num_envs, episodes))]
     returns: list[float] = []
+    wins: list[bool] = []
     lengths: list[int] = []
     groups: list[str | None] = []
     invalid = steps = 0
@@ -206,6 +208,9 @@ def evaluate(
                 steps += 1
                 slot.update(obs=obs, info=info, ret=slot["ret"] + float(reward), len=slot["len"] + 1)
                 if terminated or truncated:
+                    # ALFWorld pays the goal-condition rate every step, so a positive return does not
+                    # mean a win there: its env says "won"; elsewhere success is return > 0 (paper).
+                    wins.append(bool(info["won"]) if "won" in info else slot["ret"] > 0)
                     returns.append(slot["ret"])
                     lengths.append(slot["len"])
                     groups.append(info.get("task_type"))
@@ -216,7 +221,6 @@ def evaluate(
         for env in envs:
             env.close()
 
-    wins = [r > 0 for r in returns]
     by_group: dict[str, dict[str, float]] = {}
     if any(g is not None for g in groups):
         for g in sorted({g for g in groups if g is not None}):

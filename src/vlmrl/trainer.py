@@ -200,23 +200,24 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             # 3. metrics, gathered over ranks (the only other place ranks meet)
             done = collector.pop_finished()
             gathered = accelerator.gather_for_metrics(
-                [(done.returns, done.lengths, stats.steps, stats.invalid, stats.response_tokens,
+                [(done.returns, done.lengths, done.wins, stats.steps, stats.invalid, stats.response_tokens,
                   stats.generate_seconds, collect_seconds)], use_gather_object=True)
             returns = [r for g in gathered for r in g[0]]
             lengths = [n for g in gathered for n in g[1]]
-            steps = sum(g[2] for g in gathered)
+            wins = [w for g in gathered for w in g[2]]
+            steps = sum(g[3] for g in gathered)
             counters["env_steps"] += steps
             metrics: dict[str, Any] = {f"losses/{k}": v / max(batches, 1) for k, v in sums.items()}
             metrics.update({
                 "charts/episodes": len(returns),
-                "charts/success_rate": float(np.mean([r > 0 for r in returns])) if returns else None,
+                "charts/success_rate": float(np.mean(wins)) if wins else None,
                 "charts/episodic_return": float(np.mean(returns)) if returns else None,
                 "charts/episodic_length": float(np.mean(lengths)) if lengths else None,
-                "charts/invalid_action_rate": sum(g[3] for g in gathered) / max(steps, 1),
-                "charts/response_length": sum(g[4] for g in gathered) / max(steps, 1),
+                "charts/invalid_action_rate": sum(g[4] for g in gathered) / max(steps, 1),
+                "charts/response_length": sum(g[5] for g in gathered) / max(steps, 1),
                 "charts/env_steps": counters["env_steps"],
-                "charts/env_steps_per_second": steps / max(max(g[6] for g in gathered), 1e-9),
-                "charts/tokens_per_second": sum(g[4] for g in gathered) / max(max(g[5] for g in gathered), 1e-9),
+                "charts/env_steps_per_second": steps / max(max(g[7] for g in gathered), 1e-9),
+                "charts/tokens_per_second": sum(g[5] for g in gathered) / max(max(g[6] for g in gathered), 1e-9),
                 "charts/update_seconds": update_seconds,
                 "charts/ppo_epochs": epochs_run,
                 "charts/learning_rate": optimizer.param_groups[0]["lr"],

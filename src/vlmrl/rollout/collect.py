@@ -41,6 +41,8 @@ class Finished:
     returns: list[float] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     groups: list[str | None] = field(default_factory=list)
+    # won: the env's own "won" where it reports one (ALFWorld), else return > 0 (the paper's rule)
+    wins: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -128,6 +130,7 @@ class Collector:
                     self.finished.returns.append(float(self.ep_return[i]))
                     self.finished.lengths.append(int(self.ep_length[i]))
                     self.finished.groups.append(info.get("task_type"))
+                    self.finished.wins.append(bool(info["won"]) if "won" in info else self.ep_return[i] > 0)
                     self.ep_return[i], self.ep_length[i] = 0.0, 0
                     if trunc and not term:
                         final[i] = (obs, info)
