@@ -209,11 +209,8 @@ def _wrap_tokenizer(tok: Tokenizer, template: str, max_length: int = 2048) -> Pr
 # --- per-architecture configs and processors ------------------------------------------------------
 
 
-def _qwen_text(size: TinySize, vocab: int, ids: dict[str, int]) -> dict[str, Any]:
-    head_dim = size.hidden_size // size.num_heads
-    half = head_dim // 2
-    # mrope splits the rotary half-dimension into (temporal, height, width) sections summing to half
-    mrope = [half - 2 * (half // 3), half // 3, half // 3]
+def _language_model(size: TinySize, vocab: int, ids: dict[str, int]) -> dict[str, Any]:
+    """The text-model fields every arch shares: sizes, special token ids, tied embeddings, init scale."""
     return dict(
         vocab_size=vocab,
         hidden_size=size.hidden_size,
@@ -222,14 +219,24 @@ def _qwen_text(size: TinySize, vocab: int, ids: dict[str, int]) -> dict[str, Any
         num_attention_heads=size.num_heads,
         num_key_value_heads=size.num_kv_heads,
         max_position_embeddings=size.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-        layer_types=["full_attention"] * size.num_layers,
-        max_window_layers=size.num_layers,
         bos_token_id=ids[BOS_TURN],
         eos_token_id=ids[EOS],
         pad_token_id=ids[PAD],
         tie_word_embeddings=True,
         initializer_range=size.initializer_range,
+    )
+
+
+def _qwen_text(size: TinySize, vocab: int, ids: dict[str, int]) -> dict[str, Any]:
+    head_dim = size.hidden_size // size.num_heads
+    half = head_dim // 2
+    # mrope splits the rotary half-dimension into (temporal, height, width) sections summing to half
+    mrope = [half - 2 * (half // 3), half // 3, half // 3]
+    return dict(
+        **_language_model(size, vocab, ids),
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+        layer_types=["full_attention"] * size.num_layers,
+        max_window_layers=size.num_layers,
     )
 
 
@@ -279,20 +286,7 @@ def _config(arch: str, size: TinySize, vocab: int, ids: dict[str, int]):
             initializer_range=size.initializer_range,
         )
         return Qwen2_5_VLConfig(text_config=_qwen_text(size, vocab, ids), vision_config=vision, tie_word_embeddings=True, **_qwen_ids(ids))
-    text = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=size.hidden_size,
-        intermediate_size=size.intermediate_size,
-        num_hidden_layers=size.num_layers,
-        num_attention_heads=size.num_heads,
-        num_key_value_heads=size.num_kv_heads,
-        max_position_embeddings=size.max_position_embeddings,
-        bos_token_id=ids[BOS_TURN],
-        eos_token_id=ids[EOS],
-        pad_token_id=ids[PAD],
-        tie_word_embeddings=True,
-        initializer_range=size.initializer_range,
-    )
+    text = LlamaConfig(**_language_model(size, vocab, ids))
     vision = CLIPVisionConfig(
         hidden_size=size.vision_hidden_size,
         intermediate_size=4 * size.vision_hidden_size,
