@@ -26,7 +26,6 @@ from an SFT result.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -58,30 +57,6 @@ SEC_PER_EVAL_GAME = 12.0
 SEC_PER_PPO_STEP = 0.58  # one env step of a rollout, generation and update included
 
 
-class _EachGameOnce(gym.Wrapper):
-    """Every reset takes the next game from a queue shared by all the evaluation's envs, so
-    ``evaluate(episodes=len(games))`` plays each game of the split exactly once (in path order)."""
-
-    def __init__(self, env: gym.Env, queue: itertools.count):
-        super().__init__(env)
-        self.queue = queue
-
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        return self.env.reset(seed=seed, options={"game": next(self.queue)})
-
-
-def each_game_once_task(task):
-    """A copy of the ALFWorld task whose envs hand out the split's games in order, each once."""
-    queue = itertools.count()
-    base = type(task)
-
-    class EachGameOnce(base):  # type: ignore[misc, valid-type]
-        def make_env(self, **kwargs: Any) -> gym.Env:
-            return _EachGameOnce(base.make_env(self, **kwargs), queue)
-
-    return EachGameOnce()
-
-
 def evaluate_split(policy_dir: str, split: str, games: int | None, num_envs: int, temperature: float,
                    seed: int, max_new_tokens: int, progress: bool):
     """The policy in ``policy_dir`` on every game of ``split`` (or the first ``games``)."""
@@ -93,8 +68,8 @@ def evaluate_split(policy_dir: str, split: str, games: int | None, num_envs: int
     n = len(ALFWorldEnv(split=split).games) if games is None else games
     policy = ModelPolicy.load(policy_dir, task, cot=True, temperature=temperature, seed=seed,
                               max_new_tokens=max_new_tokens, name=str(policy_dir))
-    return evaluate(each_game_once_task(task), policy, n, seed=seed, num_envs=min(num_envs, n),
-                    env_kwargs={"split": split}, progress=progress)
+    return evaluate(task, policy, n, seed=seed, num_envs=min(num_envs, n), env_kwargs={"split": split},
+                    progress=progress, each_game_once=True)
 
 
 def table(results: dict[str, Any]) -> str:

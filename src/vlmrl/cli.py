@@ -42,10 +42,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     task = get_task(args.task)
     env_kwargs = {"split": args.split} if args.split else {}
+    episodes, once = args.episodes, False
+    if task.name == "ALFWorld":
+        # A benchmark split is a fixed set of games: play each once (the first --episodes of them).
+        from vlmrl.tasks.alfworld import ALFWorldEnv
+
+        games = len(ALFWorldEnv(**env_kwargs).games)
+        episodes, once = min(episodes or games, games), True
     policy = _make_policy(args.policy, task, args.seed, not args.no_cot, args)
     result = evaluate(
-        task, policy, args.episodes, seed=args.seed, num_envs=args.num_envs, env_kwargs=env_kwargs,
-        progress=not args.quiet,
+        task, policy, episodes or 100, seed=args.seed, num_envs=args.num_envs, env_kwargs=env_kwargs,
+        progress=not args.quiet, each_game_once=once,
     )
     print(result.table())
     if args.json:
@@ -172,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="play held-out seeded episodes and report success with a 95% CI")
     p.add_argument("task", help="NumberLine, EZPoints, Points24, Blackjack or ALFWorld")
     p.add_argument("--policy", default="expert", help="random, expert, or a policy folder (from sft/train)")
-    p.add_argument("--episodes", type=_positive_int, default=100)
+    p.add_argument("--episodes", type=_positive_int, default=None,
+                   help="held-out episodes (default 100; ALFWorld: each game of the split once, or the first N)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-envs", type=_positive_int, default=16, help="episodes played at once (one batch)")
     p.add_argument("--temperature", type=float, default=0.2, help="sampling temperature of model policies")

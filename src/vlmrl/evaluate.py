@@ -160,15 +160,29 @@ def evaluate(
     env_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
     keep_samples: int = 3,
+    each_game_once: bool = False,
 ) -> EvalResult:
     """Play ``episodes`` held-out episodes, ``num_envs`` at a time (one batched ``act`` per step).
 
     Episode i is reset with ``held_out_seed(seed, i)`` and parsed with a generator of the same seed,
     so the result does not depend on ``num_envs`` for deterministic policies.
+    ``each_game_once``: for envs with a fixed list of games (ALFWorld's ``games``), episode i plays
+    game i (``reset(options={"game": i})``) instead of a seeded draw, so ``episodes=len(games)`` plays
+    the whole split exactly once, as a benchmark evaluation should.
     """
     if episodes <= 0:
         raise ValueError("episodes must be positive")
     envs = [task.make_env(**(env_kwargs or {})) for _ in range(min(num_envs, episodes))]
+    if each_game_once:
+        games = getattr(envs[0].unwrapped, "games", None)
+        if games is None:
+            for env in envs:
+                env.close()
+            raise UserError(f"{task.name} has no fixed list of games: each_game_once is for ALFWorld-like envs")
+        if episodes > len(games):
+            for env in envs:
+                env.close()
+            raise UserError(f"asked for {episodes} episodes, each game once, but the split has {len(games)} games")
     returns: list[float] = []
     wins: list[bool] = []
     lengths: list[int] = []
@@ -186,7 +200,8 @@ def evaluate(
             slots[k] = None
             return
         s = held_out_seed(seed, next_episode)
-        obs, info = envs[k].reset(seed=s)
+        options = {"game": next_episode} if each_game_once else None
+        obs, info = envs[k].reset(seed=s, options=options)
         slots[k] = {"obs": obs, "info": info, "ret": 0.0, "len": 0, "rng": np.random.default_rng(s)}
         next_episode += 1
 

@@ -258,3 +258,29 @@ def test_same_seed_same_game_and_game_option():
         a.reset(options={"level": 1})
     a.close()
     b.close()
+
+
+@needs_data
+def test_evaluation_plays_each_game_of_the_split_exactly_once(capsys):
+    from vlmrl.cli import main
+    from vlmrl.evaluate import ExpertPolicy, evaluate
+
+    started: list[str] = []
+
+    class Recording(ExpertPolicy):
+        def act(self, observations, infos):
+            started.extend(i["game"] for i in infos if i["steps"] == 0)
+            return super().act(observations, infos)
+
+    kwargs = {"split": "valid_unseen", "num_games": 3}
+    result = evaluate(TASK, Recording(TASK), 3, num_envs=2, env_kwargs=kwargs, progress=False, each_game_once=True)
+    assert sorted(started) == ALFWorldEnv(**kwargs).games and result.success_rate == 1.0
+    with pytest.raises(UserError, match="has 3 games"):
+        evaluate(TASK, Recording(TASK), 4, env_kwargs=kwargs, progress=False, each_game_once=True)
+    with pytest.raises(UserError, match="no fixed list of games"):
+        number_line = get_task("NumberLine")
+        evaluate(number_line, ExpertPolicy(number_line), 2, progress=False, each_game_once=True)
+    # the command line evaluates ALFWorld this way: --episodes 2 means the split's first two games
+    assert main(["eval", "ALFWorld", "--split", "valid_unseen", "--episodes", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split() for line in out.splitlines() if line.startswith("episodes")] == [["episodes", "2"]]
