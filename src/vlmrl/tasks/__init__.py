@@ -20,6 +20,8 @@ _TASKS = {
     "Points24": ("vlmrl.tasks.points24", "Points24Env"),
     "Blackjack": ("vlmrl.tasks.blackjack", "BlackjackEnv"),
     "ALFWorld": ("vlmrl.tasks.alfworld", "ALFWorldEnv"),
+    # THOR frames for the same games: untested here (no THOR build can be downloaded)
+    "ALFWorld-THOR": ("vlmrl.tasks.alfworld_thor", "ALFWorldThorEnv"),
 }
 CARD_TASKS = ("NumberLine", "EZPoints", "Points24", "Blackjack")
 

@@ -212,6 +212,34 @@ def _without(facts: frozenset[Fact], predicates: frozenset[str]) -> frozenset[Fa
 
 
 # --- the environment ------------------------------------------------------------------------------
+def choose_game(games: Sequence[str], rng: Any, options: dict[str, Any]) -> str:
+    """The game a reset plays: ``options["game"]`` (an index into ``games`` or a game file / folder
+    path) if given, else one drawn with ``rng`` (the env's ``np_random``)."""
+    unknown = set(options) - {"game"}
+    if unknown:
+        raise UserError(f"unknown ALFWorld reset options {sorted(unknown)}: only 'game' is accepted")
+    game = options.get("game")
+    if game is None:
+        return games[int(rng.integers(len(games)))]
+    if isinstance(game, int) or hasattr(game, "__index__"):
+        i = int(game)
+        if not 0 <= i < len(games):
+            raise UserError(f"game index {i} out of range: this split has {len(games)} games")
+        return games[i]
+    path = Path(game)
+    if path.is_dir():
+        path = path / "game.tw-pddl"
+    if not path.is_file():
+        raise UserError(f"ALFWorld game {str(game)!r} not found: give a game.tw-pddl file, its folder or an index")
+    return str(path)
+
+
+def paper_reward(won: bool, goal_condition_rate: float, valid: bool, success_reward: float = 50.0,
+                 invalid_penalty: float = 1.0) -> float:
+    """RL4VLM's per-step reward: success bonus + goal-condition rate - penalty for an inadmissible command."""
+    return float(success_reward * won + goal_condition_rate - (0.0 if valid else invalid_penalty))
+
+
 class ALFWorldEnv(gym.Env):
     """One ALFWorld text game per episode; see the module docstring for spaces, reward and expert.
 
@@ -273,7 +301,7 @@ class ALFWorldEnv(gym.Env):
     # --- gymnasium API ----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, Info]:
         super().reset(seed=seed)
-        game = self._choose_game(options or {})
+        game = choose_game(self.games, self.np_random, options or {})
         self._load(game)
         self._state = self._tw.reset()
         self._facts = to_facts(self._state["_facts"])
@@ -302,14 +330,11 @@ class ALFWorldEnv(gym.Env):
             self._observation = NOTHING  # the engine's reply to a command it does not know
         self._last_command = command
         info = self._info()
-        reward = (
-            self.success_reward * info["won"]
-            + info["goal_condition_success_rate"]
-            - (0.0 if valid else self.invalid_penalty)
-        )
+        reward = paper_reward(info["won"], info["goal_condition_success_rate"], valid,
+                              self.success_reward, self.invalid_penalty)
         terminated = info["won"]
         truncated = not terminated and self._steps >= self.max_steps
-        return self._observation, float(reward), terminated, truncated, info
+        return self._observation, reward, terminated, truncated, info
 
     def render(self) -> str | None:
         if self.render_mode == "ansi":
@@ -324,25 +349,6 @@ class ALFWorldEnv(gym.Env):
         self._state = None
 
     # --- helpers ----------------------------------------------------------------------------------
-    def _choose_game(self, options: dict[str, Any]) -> str:
-        unknown = set(options) - {"game"}
-        if unknown:
-            raise UserError(f"unknown ALFWorld reset options {sorted(unknown)}: only 'game' is accepted")
-        game = options.get("game")
-        if game is None:
-            return self.games[int(self.np_random.integers(len(self.games)))]
-        if isinstance(game, int) or hasattr(game, "__index__"):
-            i = int(game)
-            if not 0 <= i < len(self.games):
-                raise UserError(f"game index {i} out of range: this split has {len(self.games)} games")
-            return self.games[i]
-        path = Path(game)
-        if path.is_dir():
-            path = path / "game.tw-pddl"
-        if not path.is_file():
-            raise UserError(f"ALFWorld game {str(game)!r} not found: give a game.tw-pddl file, its folder or an index")
-        return str(path)
-
     def _load(self, game: str) -> None:
         """Start the game's TextWorld env unless it is already loaded (loading costs seconds)."""
         if game == self._game:
