@@ -37,7 +37,6 @@ from typing import Any
 # the alfworld package: take it off before anything imports alfworld.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import gymnasium as gym  # noqa: E402
 import torch  # noqa: E402
 
 TYPES = {  # ALFWorld task type -> the paper's column name

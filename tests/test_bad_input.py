@@ -7,7 +7,6 @@ paying a fresh torch import per case); one case runs the real command to check t
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path

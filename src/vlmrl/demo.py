@@ -38,8 +38,12 @@ TRAIN = dict(num_envs=32, num_steps=4, total_updates=30, temperature=0.2, max_ne
 
 def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, episodes: int = 500, cot: bool = True,
              progress: bool = True, sft: dict[str, Any] | None = None, train_kw: dict[str, Any] | None = None,
-             ppo: PPOConfig | None = None) -> dict[str, Any]:
-    """Run the five steps; print the table and return it as a dict (also written to demo.json)."""
+             ppo: PPOConfig | None = None, task: str = TASK, model: str = "tiny") -> dict[str, Any]:
+    """Run the five steps; print the table and return it as a dict (also written to demo.json).
+
+    ``sft``, ``train_kw`` and ``ppo`` change the recipe above (benchmarks/learning.py passes each card
+    task's own); ``task`` is any card task.
+    """
     from vlmrl.evaluate import ModelPolicy, evaluate
     from vlmrl.policy.tiny import tiny_preset_path
     from vlmrl.sft import SFTConfig, run_sft
@@ -49,7 +53,9 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, episodes: int = 5
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: pass --out with a new folder (nothing there is overwritten)")
-    task = get_task(TASK)
+    task = get_task(task)
+    sft = {**SFT, **(sft or {})}
+    train_kw = {**TRAIN, **(train_kw or {})}
     times: dict[str, float] = {}
     t_start = time.perf_counter()
 
@@ -58,18 +64,18 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, episodes: int = 5
         print(f"[demo] {name} done in {times[name]:.0f} s", flush=True)
 
     t0 = time.perf_counter()
-    model = tiny_preset_path()
+    model = tiny_preset_path() if model == "tiny" else model
     stage("build tiny VLM", t0)
 
     t0 = time.perf_counter()
-    sft_cfg = SFTConfig(task=TASK, model=str(model), out_dir=str(out / "sft"), cot=cot, seed=seed,
-                        progress=progress, **{**SFT, **(sft or {})})
+    sft_cfg = SFTConfig(task=task.name, model=str(model), out_dir=str(out / "sft"), cot=cot, seed=seed,
+                        progress=progress, **sft)
     sft_dir = run_sft(sft_cfg)
     stage("SFT", t0)
 
     def held_out(path: Path, name: str):
         policy = ModelPolicy.load(str(path), task, cot=cot, temperature=0.2, seed=seed,
-                                  max_new_tokens=TRAIN["max_new_tokens"], name=name)
+                                  max_new_tokens=train_kw["max_new_tokens"], name=name)
         return evaluate(task, policy, episodes, seed=seed, num_envs=50, progress=progress)
 
     t0 = time.perf_counter()
@@ -77,9 +83,8 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, episodes: int = 5
     stage("evaluate SFT", t0)
 
     t0 = time.perf_counter()
-    cfg = TrainConfig(task=TASK, model=str(sft_dir), out_dir=str(out / "ppo"), seed=seed, cot=cot,
-                      ppo=ppo or PPO, policy=PolicyConfig(finetune="full", train_vision=False),
-                      **{**TRAIN, **(train_kw or {})})
+    cfg = TrainConfig(task=task.name, model=str(sft_dir), out_dir=str(out / "ppo"), seed=seed, cot=cot,
+                      ppo=ppo or PPO, policy=PolicyConfig(finetune="full", train_vision=False), **train_kw)
     final = train(cfg, progress=progress)
     stage("PPO", t0)
 
@@ -87,19 +92,20 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, episodes: int = 5
     after = held_out(final, "SFT+PPO")
     stage("evaluate SFT+PPO", t0)
 
-    table = _table(before, after)
+    times["total"] = round(time.perf_counter() - t_start, 1)
+    table = _table(task.name, before, after)
     print("\n" + table)
     print(f"\nlearning curve: {out / 'ppo' / 'learning_curve.png'}")
-    print(f"total wall time: {time.perf_counter() - t_start:.0f} s")
-    summary = {"task": TASK, "cot": cot, "seed": seed, "episodes": episodes, "before": before.to_json(),
+    print(f"total wall time: {times['total']:.0f} s")
+    summary = {"task": task.name, "cot": cot, "seed": seed, "episodes": episodes, "before": before.to_json(),
                "after": after.to_json(), "seconds": times, "sft": dataclasses.asdict(sft_cfg),
                "train": json.loads(json.dumps(dataclasses.asdict(cfg)))}
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _table(before, after) -> str:
-    rows = ["| NumberLine, held-out | success % (95% CI) | mean return | invalid % | episodes |",
+def _table(task: str, before, after) -> str:
+    rows = [f"| {task}, held-out | success % (95% CI) | mean return | invalid % | episodes |",
             "|---|---|---|---|---|"]
     for name, r in (("after SFT (imperfect expert)", before), ("after SFT + PPO", after)):
         lo, hi = r.success_ci95
