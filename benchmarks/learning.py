@@ -41,9 +41,10 @@ RUN_LIMIT_SECONDS = 30 * 60  # each run should fit in half an hour on 2 CPU core
 OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "NumberLine": {},
     # two cards, about 4 steps an episode, 15 action words
-    "EZPoints": {"sft": dict(episodes=400, steps=600), "train": dict(total_updates=30)},
+    "EZPoints": {"train": dict(total_updates=30)},
     # four cards, about 7 steps, answers up to ~40 tokens; the expert itself wins ~73% (unsolvable deals)
-    "Points24": {"sft": dict(episodes=500, steps=800), "train": dict(total_updates=30, max_new_tokens=64)},
+    "Points24": {"sft": dict(episodes=1500, steps=4500, random_action_fraction=0.0),
+                 "train": dict(total_updates=20, max_new_tokens=64), "ppo": dict(lr=3e-5, end_lr=3e-6)},
     # 1-2 steps an episode, 2 action words: the expert (optimal play) wins ~43%. Summing 3-4 cards
     # from the image takes longer SFT: 2000 expert-only steps read 181/200 hands right and win 46.4%
     "Blackjack": {"sft": dict(episodes=1500, steps=2000), "train": dict(total_updates=80)},

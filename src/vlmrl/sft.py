@@ -108,7 +108,8 @@ def collect_demonstrations(
     max_steps: int = 100,
     env_kwargs: dict[str, Any] | None = None,
 ) -> list[Demo]:
-    """Play ``episodes`` seeded episodes; at each step take a random action with the given probability.
+    """Play ``episodes`` seeded episodes; at each step take a random action with the given probability
+    (uniform over ``task.random_actions(info)``: every legal action unless the task narrows it).
 
     Episode i resets with seed ``seed * 1_000_000 + i``; action choices draw from
     ``np.random.default_rng(seed)``, so the same arguments give the same demonstrations.
@@ -140,7 +141,11 @@ def collect_demonstrations(
                     break
                 action = expert
                 if rng.random() < random_action_fraction:
-                    action = int(rng.integers(len(task.legal_actions(info))))
+                    choices = task.random_actions(info)
+                    if choices is None:
+                        action = int(rng.integers(len(task.legal_actions(info))))
+                    else:
+                        action = int(choices[int(rng.integers(len(choices)))])
                 demos.append(Demo(_image(obs), task.prompt(info, cot), task.response(info, action, cot), action == expert))
                 obs, _, terminated, truncated, info = env.step(action)
                 if terminated or truncated:

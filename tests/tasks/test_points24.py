@@ -229,3 +229,30 @@ def test_thoughts_name_the_plan_or_say_there_is_none():
     assert "cannot reach 24" in TASK.thoughts(info, WORDS.index("="))
     assert TASK.info_text(info) == "Current formula: 1 - 2 -"
     assert tokenize(info["tokens"]) == ["1", "-", "2", "-"]
+
+
+@pytest.mark.parametrize("name", ["EZPoints", "Points24"])
+def test_imperfect_player_reads_right_and_writes_well_formed_formulas(name):
+    """random_actions: only unused card values, operators between them, "=" at the end."""
+    from vlmrl.tasks.formula import evaluate as value_of
+
+    task = get_task(name)
+    env = task.make_env()
+    rng = np.random.default_rng(0)
+    values = []
+    for episode in range(60):
+        _, info = env.reset(seed=episode)
+        for _ in range(20):
+            choices = task.random_actions(info)
+            _, reward, terminated, truncated, next_info = env.step(int(rng.choice(choices)))
+            assert reward != -1.0 or terminated  # never an unavailable number
+            if terminated:
+                assert not next_info["remaining"]
+                values.append(value_of(next_info["tokens"]))
+                break
+            info = next_info
+        else:
+            raise AssertionError("the imperfect player never finished its formula")
+    # it finishes every episode with a formula of all the cards; only some of them hit the target
+    target = info["target"]
+    assert len(values) == 60 and 0 < sum(v == target for v in values) < 60

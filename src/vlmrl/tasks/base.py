@@ -57,6 +57,12 @@ class Task:
         """The words that are legal now; fixed for the card tasks, per step for ALFWorld."""
         return self.action_words
 
+    def random_actions(self, info: Info) -> Sequence[int] | None:
+        """The actions a deliberately imperfect demonstrator picks among, uniformly, when it does not
+        follow the expert; None means every legal action. Tasks override it where a uniformly random
+        word is not a plausible move (formulas: one that breaks the formula's grammar)."""
+        return None
+
     def make_env(self, **kwargs: Any) -> gym.Env:
         try:
             return gym.make(self.env_id, **kwargs)

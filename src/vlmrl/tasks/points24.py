@@ -274,6 +274,18 @@ class FormulaTask(Task):
         word = rest[0] if rest else "="
         return self.legal_actions(info).index(word)
 
+    def random_actions(self, info: Info) -> Sequence[int]:
+        """A player who reads the cards right but does not plan: a card still unused where a number
+        fits, else an arithmetic operator, "=" once every card is used. No parentheses, so its formulas
+        are always well formed (the expert's are too); which cards and operators it picks is random."""
+        words = self.legal_actions(info)
+        tokens = [t for t in info["tokens"] if t != BLANK]
+        if (not tokens or tokens[-1] in ("+", "-", "*", "/", "(")) and info["remaining"]:
+            return sorted({words.index(str(v)) for v in info["remaining"]})
+        if info["remaining"] and tokens[-1] not in ("+", "-", "*", "/", "("):
+            return [words.index(o) for o in self.operators if o in "+-*/"]
+        return [words.index("=")]
+
     def thoughts(self, info: Info, action: int) -> str:
         word = self.legal_actions(info)[action]
         target, so_far = info["target"], compact(info["tokens"])
