@@ -153,6 +153,24 @@ def table(runs: list[dict[str, Any]], base: dict[str, dict[str, dict[str, Any]]]
     return "\n".join(rows)
 
 
+def merge(folders: list[str]) -> dict[str, Any]:
+    """One table from several ``learning.json`` files (runs in task order, CoT before no-CoT)."""
+    base: dict[str, Any] = {}
+    runs: list[dict[str, Any]] = []
+    for folder in folders:
+        path = Path(folder) / "learning.json"
+        if not path.is_file():
+            raise UserError(f"--merge: {path} not found (give folders written by this script)")
+        part = json.loads(path.read_text())
+        base.update(part["baselines"])
+        runs += part["runs"]
+    order = {t: i for i, t in enumerate(PAPER)}
+    runs.sort(key=lambda r: (order.get(r["task"], len(order)), not r["cot"]))
+    text = table(runs, base)
+    print(text)
+    return {"baselines": base, "runs": runs, "table": text}
+
+
 # --- main ---------------------------------------------------------------------------------------------
 
 
@@ -169,7 +187,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe entry for every task, e.g. train.num_envs=8 ppo.lr=1e-4")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="run nothing: print one table from the learning.json of earlier runs (e.g. "
+                        "one per task, run in parallel)")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge)
     if args.episodes < 1:
         parser.error("--episodes must be >= 1")
 

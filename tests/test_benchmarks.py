@@ -91,6 +91,11 @@ def test_learning_table_runs_both_cot_modes(tiny_model, tmp_path, capsys, one_th
     assert summary["baselines"]["NumberLine"]["expert"]["success_rate"] == 1.0
     assert (out / "NumberLine-cot" / "ppo" / "final" / "config.json").is_file()
     assert json.loads((out / "learning.json").read_text())["table"] == summary["table"]
+    # runs made apart (e.g. one task per process) print as one table again
+    merged = learning.main(["--merge", str(out)])
+    assert merged["table"] == summary["table"]
+    with pytest.raises(learning.UserError, match="learning.json not found"):
+        learning.main(["--merge", str(tmp_path)])
 
 
 def test_learning_recipes_reuse_the_demo_and_reject_bad_input(tmp_path):
