@@ -12,6 +12,10 @@ THOR actions; the observation is the agent's current egocentric frame as a 300x3
 VLM sees what the paper's LLaVA saw. The admissible commands come from the controller, as in the
 paper. ``info["expert_action"]`` is alfworld's hand-coded THOR expert's next command when
 ``expert=True`` (slow: it plans in the simulator), else None.
+
+THOR rebuilds each scene from the game's full ``traj_data.json`` (scene number, object poses, start
+pose), which ``alfworld-download`` fetches; the copy in ``../shared/data/alfworld`` keeps only
+``task_type`` and ``pddl_params`` (all the text engine reads), so it cannot drive THOR.
 """
 
 from __future__ import annotations
