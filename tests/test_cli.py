@@ -25,7 +25,7 @@ def test_render_writes_pngs(tmp_path):
 def test_unknown_task_is_one_line_and_exit_code_2():
     proc = subprocess.run([sys.executable, "-m", "vlmrl.cli", "eval", "Chess"], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["vlmrl: error: unknown task 'Chess': choose one of NumberLine, EZPoints, Points24, Blackjack, ALFWorld"]
+    assert proc.stderr.strip().splitlines() == ["vlmrl: error: unknown task 'Chess': choose one of NumberLine, EZPoints, Points24, Blackjack, ALFWorld, ALFWorld-THOR"]
 
 
 def test_bad_number_is_rejected_by_argparse():
