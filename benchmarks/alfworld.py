@@ -61,13 +61,11 @@ def evaluate_split(policy_dir: str, split: str, games: int | None, num_envs: int
     """The policy in ``policy_dir`` on every game of ``split`` (or the first ``games``)."""
     from vlmrl.evaluate import ModelPolicy, evaluate
     from vlmrl.tasks import get_task
-    from vlmrl.tasks.alfworld import ALFWorldEnv
 
     task = get_task("ALFWorld")
-    n = len(ALFWorldEnv(split=split).games) if games is None else games
     policy = ModelPolicy.load(policy_dir, task, cot=True, temperature=temperature, seed=seed,
                               max_new_tokens=max_new_tokens, name=str(policy_dir))
-    return evaluate(task, policy, n, seed=seed, num_envs=min(num_envs, n), env_kwargs={"split": split},
+    return evaluate(task, policy, games, seed=seed, num_envs=num_envs, env_kwargs={"split": split},
                     progress=progress, each_game_once=True)
 
 

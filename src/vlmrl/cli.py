@@ -42,16 +42,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     task = get_task(args.task)
     env_kwargs = {"split": args.split} if args.split else {}
-    episodes, once = args.episodes, False
-    if task.name == "ALFWorld":
-        # A benchmark split is a fixed set of games: play each once (the first --episodes of them).
-        from vlmrl.tasks.alfworld import ALFWorldEnv
-
-        games = len(ALFWorldEnv(**env_kwargs).games)
-        episodes, once = min(episodes or games, games), True
+    # ALFWorld's splits are fixed sets of games: play each once (the first --episodes of them)
+    once = task.name.startswith("ALFWorld")
+    episodes = args.episodes if args.episodes or once else 100
     policy = _make_policy(args.policy, task, args.seed, not args.no_cot, args)
     result = evaluate(
-        task, policy, episodes or 100, seed=args.seed, num_envs=args.num_envs, env_kwargs=env_kwargs,
+        task, policy, episodes, seed=args.seed, num_envs=args.num_envs, env_kwargs=env_kwargs,
         progress=not args.quiet, each_game_once=once,
     )
     print(result.table())

@@ -154,7 +154,7 @@ class EvalResult:
 def evaluate(
     task: Task,
     policy: TextPolicy,
-    episodes: int,
+    episodes: int | None,
     seed: int = 0,
     num_envs: int = 1,
     env_kwargs: dict[str, Any] | None = None,
@@ -167,22 +167,26 @@ def evaluate(
     Episode i is reset with ``held_out_seed(seed, i)`` and parsed with a generator of the same seed,
     so the result does not depend on ``num_envs`` for deterministic policies.
     ``each_game_once``: for envs with a fixed list of games (ALFWorld's ``games``), episode i plays
-    game i (``reset(options={"game": i})``) instead of a seeded draw, so ``episodes=len(games)`` plays
-    the whole split exactly once, as a benchmark evaluation should.
+    game i (``reset(options={"game": i})``) instead of a seeded draw, so ``episodes=None`` plays the
+    whole split exactly once, as a benchmark evaluation should (and N its first N games).
     """
-    if episodes <= 0:
-        raise ValueError("episodes must be positive")
-    envs = [task.make_env(**(env_kwargs or {})) for _ in range(min(num_envs, episodes))]
+    first = task.make_env(**(env_kwargs or {}))
     if each_game_once:
-        games = getattr(envs[0].unwrapped, "games", None)
+        games = getattr(first.unwrapped, "games", None)
+        problem = None
         if games is None:
-            for env in envs:
-                env.close()
-            raise UserError(f"{task.name} has no fixed list of games: each_game_once is for ALFWorld-like envs")
-        if episodes > len(games):
-            for env in envs:
-                env.close()
-            raise UserError(f"asked for {episodes} episodes, each game once, but the split has {len(games)} games")
+            problem = f"{task.name} has no fixed list of games: each_game_once is for ALFWorld-like envs"
+        elif episodes is None:
+            episodes = len(games)
+        elif episodes > len(games):
+            problem = f"asked for {episodes} episodes, each game once, but the split has {len(games)} games"
+        if problem:
+            first.close()
+            raise UserError(problem)
+    if episodes is None or episodes <= 0:
+        first.close()
+        raise ValueError("episodes must be positive (None only with each_game_once: every game)")
+    envs = [first] + [task.make_env(**(env_kwargs or {})) for _ in range(min(num_envs, episodes) - 1)]
     returns: list[float] = []
     wins: list[bool] = []
     lengths: list[int] = []

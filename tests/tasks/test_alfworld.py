@@ -273,8 +273,8 @@ def test_evaluation_plays_each_game_of_the_split_exactly_once(capsys):
             return super().act(observations, infos)
 
     kwargs = {"split": "valid_unseen", "num_games": 3}
-    result = evaluate(TASK, Recording(TASK), 3, num_envs=2, env_kwargs=kwargs, progress=False, each_game_once=True)
-    assert sorted(started) == ALFWorldEnv(**kwargs).games and result.success_rate == 1.0
+    result = evaluate(TASK, Recording(TASK), None, num_envs=2, env_kwargs=kwargs, progress=False, each_game_once=True)
+    assert sorted(started) == ALFWorldEnv(**kwargs).games and result.episodes == 3 and result.success_rate == 1.0
     with pytest.raises(UserError, match="has 3 games"):
         evaluate(TASK, Recording(TASK), 4, env_kwargs=kwargs, progress=False, each_game_once=True)
     with pytest.raises(UserError, match="no fixed list of games"):
