@@ -130,19 +130,28 @@ def _metrics_inode(out: Path) -> int | None:
         return None
 
 
+def _run_seconds(reference: Path) -> float:
+    """Wall time of the reference run's updates, first metrics row to last plus one update."""
+    times = [r["time"] for r in read_metrics(reference / "metrics.jsonl")]
+    return max(times[-1] - times[0], 0.0) * len(times) / max(len(times) - 1, 1)
+
+
 def test_sigkill_at_random_times(tiny_model, run_file, reference, tmp_path):
-    """Each kill lands a random 0-4 s after the run opened its metrics (past the imports and the
-    model load, which take most of a short run's wall time): in rollouts, updates or saves."""
+    """Each kill lands at a random point of what is left of the run once it has opened its metrics
+    (past the imports and the model load): in rollouts, updates or saves. The window is scaled by the
+    reference run's own speed, so the kill lands mid-run on a fast idle machine and a loaded one alike."""
     rng = random.Random(20240611)
     out = tmp_path / "run"
     landed = []
+    per_update = _run_seconds(reference) / UPDATES
     for _ in range(3):
         before = _metrics_inode(out)  # a fresh run creates the file, a resume replaces it
+        left = UPDATES - _check_nothing_lost(out, reference) if out.exists() else UPDATES
         proc = subprocess.Popen(_train_cmd(tiny_model, out, run_file, resume=(out / "config.json").exists()),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while proc.poll() is None and _metrics_inode(out) in (before, None):
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 4.0))
+        time.sleep(rng.uniform(0.0, 0.8) * per_update * max(left, 1))
         landed.append((_kill(proc), _check_nothing_lost(out, reference)))
     assert sum(alive for alive, _ in landed) >= 2, landed
     _finish_and_compare(tiny_model, out, run_file, reference)
