@@ -212,6 +212,21 @@ def _without(facts: frozenset[Fact], predicates: frozenset[str]) -> frozenset[Fa
 
 
 # --- the environment ------------------------------------------------------------------------------
+def select_games(split: str, task_types: str | Sequence[str] | None, data_path: str | os.PathLike[str] | None,
+                 num_games: int | None, max_steps: int) -> tuple[tuple[str, ...], Path, list[str]]:
+    """The env options every ALFWorld env takes, checked: (task types, data root, the split's games)."""
+    if max_steps < 1:
+        raise UserError(f"max_steps must be at least 1, got {max_steps}")
+    types = _task_types(task_types)
+    root = data_root(data_path)
+    games = list_games(root, split, types)
+    if num_games is not None:
+        if num_games < 1:
+            raise UserError(f"num_games must be at least 1 (or None for all), got {num_games}")
+        games = games[:num_games]  # the first ones by path, as alfworld's num_*_games
+    return types, root, games
+
+
 def choose_game(games: Sequence[str], rng: Any, options: dict[str, Any]) -> str:
     """The game a reset plays: ``options["game"]`` (an index into ``games`` or a game file / folder
     path) if given, else one drawn with ``rng`` (the env's ``np_random``)."""
@@ -265,18 +280,10 @@ class ALFWorldEnv(gym.Env):
         replan_expert: bool = False,
         render_mode: str | None = None,
     ) -> None:
-        if max_steps < 1:
-            raise UserError(f"max_steps must be at least 1, got {max_steps}")
         if render_mode not in (None, "ansi"):
             raise UserError(f"render_mode {render_mode!r} is not supported: use None or 'ansi'")
         self.split = split
-        self.task_types = _task_types(task_types)
-        self.root = data_root(data_path)
-        self.games = list_games(self.root, split, self.task_types)
-        if num_games is not None:
-            if num_games < 1:
-                raise UserError(f"num_games must be at least 1 (or None for all), got {num_games}")
-            self.games = self.games[:num_games]  # the first ones by path, as alfworld's num_*_games
+        self.task_types, self.root, self.games = select_games(split, task_types, data_path, num_games, max_steps)
         self.max_steps = max_steps
         self.success_reward = float(success_reward)
         self.invalid_penalty = float(invalid_penalty)

@@ -35,13 +35,11 @@ from vlmrl.tasks.alfworld import (
     NOTHING,
     TASK_TYPES,
     ALFWorldTask,
-    _task_types,
     choose_game,
     clean_text,
-    data_root,
-    list_games,
     paper_reward,
     read_game_meta,
+    select_games,
     split_intro,
 )
 from vlmrl.tasks.base import Info
@@ -106,13 +104,10 @@ class ALFWorldThorEnv(gym.Env):
         render_mode: str | None = None,
     ) -> None:
         _import_thor()  # fail first, with what to install, before reading any game files
-        if max_steps < 1:
-            raise UserError(f"max_steps must be at least 1, got {max_steps}")
         if render_mode not in (None, "rgb_array"):
             raise UserError(f"render_mode {render_mode!r} is not supported: use None or 'rgb_array'")
-        self.split, self.task_types = split, _task_types(task_types)
-        self.root = data_root(data_path)
-        self.games = list_games(self.root, split, self.task_types)[: num_games or None]
+        self.split = split
+        self.task_types, self.root, self.games = select_games(split, task_types, data_path, num_games, max_steps)
         self.max_steps, self.render_mode = max_steps, render_mode
         self.success_reward, self.invalid_penalty = float(success_reward), float(invalid_penalty)
         self.action_space = spaces.Discrete(MAX_COMMANDS)
