@@ -50,8 +50,11 @@ OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "Points24": {"sft": dict(episodes=1500, steps=4500, random_action_fraction=0.0),
                  "train": dict(total_updates=20, max_new_tokens=64), "ppo": dict(lr=3e-5, end_lr=3e-6)},
     # 1-2 steps an episode, 2 action words: the expert (optimal play) wins 42.95%. Summing 3-4 cards
-    # from the image takes longer SFT: 2000 expert-only steps read 181/200 hands right and win 46.4%
-    "Blackjack": {"sft": dict(episodes=1500, steps=2000), "train": dict(total_updates=80)},
+    # from the image takes longer SFT: 2000 expert-only steps read 181/200 hands right and win 46.4%.
+    # The reward is noisy: 64 envs a rollout and 120 updates at lr 5e-5 ended 0.8 points above
+    # 32 envs, 80 updates at 1e-4 (42.8% against 42.0% over 5,000 held-out deals).
+    "Blackjack": {"sft": dict(episodes=1500, steps=2000), "train": dict(num_envs=64, total_updates=120),
+                  "ppo": dict(lr=5e-5)},
 }
 
 
