@@ -30,7 +30,6 @@ from vlmrl.errors import UserError
 from vlmrl.sft import SFTConfig
 from vlmrl.tasks import CARD_TASKS, get_task
 
-TEMPERATURE = 0.2  # held-out evaluation, as the paper
 # RL4VLM (Zhai et al., 2024), LLaVA-1.6-7B, success %: (with CoT, without CoT)
 PAPER = {"NumberLine": (89.4, 26.9), "EZPoints": (50.0, 29.9), "Points24": (2.3, 0.0), "Blackjack": (40.2, 40.4)}
 RUN_LIMIT_SECONDS = 30 * 60  # each run should fit in half an hour on 2 CPU cores
@@ -211,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.cot]
 
     print(f"{len(tasks) * len(modes)} runs, budget {args.budget}, {args.episodes} held-out episodes at "
-          f"temperature {TEMPERATURE}, seed {args.seed}", flush=True)
+          f"temperature {demo.EVAL_TEMPERATURE}, seed {args.seed}", flush=True)
     base: dict[str, dict[str, dict[str, Any]]] = {}
     runs: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"budget": args.budget, "episodes": args.episodes, "seed": args.seed,

@@ -33,6 +33,7 @@ SFT = dict(episodes=300, random_action_fraction=1.0, steps=300, batch_size=16, l
 # LoRA on a 7B model and barely move a tiny one.
 PPO = PPOConfig(lr=1e-4, end_lr=1e-5, epochs=2, minibatch_size=16, grad_accum_steps=2, max_grad_norm=1.0,
                 clip=0.2, value_clip=None, gamma=0.9, gae_lambda=0.95, thought_weight=0.5, ent_coef=0.0)
+EVAL_TEMPERATURE = 0.2  # held-out evaluation samples at the paper's temperature
 TRAIN = dict(num_envs=32, num_steps=4, total_updates=30, temperature=0.2, max_new_tokens=48)
 
 
@@ -74,7 +75,7 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, episodes: int = 5
     stage("SFT", t0)
 
     def held_out(path: Path, name: str):
-        policy = ModelPolicy.load(str(path), task, cot=cot, temperature=0.2, seed=seed,
+        policy = ModelPolicy.load(str(path), task, cot=cot, temperature=EVAL_TEMPERATURE, seed=seed,
                                   max_new_tokens=train_kw["max_new_tokens"], name=name)
         return evaluate(task, policy, episodes, seed=seed, num_envs=50, progress=progress)
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from vlmrl.errors import UserError
 from vlmrl.metrics import wilson_interval
 from vlmrl.tasks import Task
+from vlmrl.tasks.base import episode_success, observation_image
 from vlmrl.tasks.parsing import parse_action
 
 # Training and SFT seed their environments below this; evaluation episode i of seed s uses
@@ -102,7 +103,7 @@ class ModelPolicy:
         import torch
 
         prompts = [self.task.prompt(info, self.cot) for info in infos]
-        images = [o if isinstance(o, np.ndarray) and o.ndim == 3 else None for o in observations]
+        images = [observation_image(o) for o in observations]
         from vlmrl.policy.model import cpu_threads
 
         with torch.no_grad(), cpu_threads(self.policy):
@@ -170,6 +171,8 @@ def evaluate(
     game i (``reset(options={"game": i})``) instead of a seeded draw, so ``episodes=None`` plays the
     whole split exactly once, as a benchmark evaluation should (and N its first N games).
     """
+    if (episodes is None and not each_game_once) or (episodes is not None and episodes <= 0):
+        raise ValueError("episodes must be positive (None only with each_game_once: every game)")
     first = task.make_env(**(env_kwargs or {}))
     if each_game_once:
         games = getattr(first.unwrapped, "games", None)
@@ -183,9 +186,6 @@ def evaluate(
         if problem:
             first.close()
             raise UserError(problem)
-    if episodes is None or episodes <= 0:
-        first.close()
-        raise ValueError("episodes must be positive (None only with each_game_once: every game)")
     envs = [first] + [task.make_env(**(env_kwargs or {})) for _ in range(min(num_envs, episodes) - 1)]
     returns: list[float] = []
     wins: list[bool] = []
@@ -227,9 +227,7 @@ def evaluate(
                 steps += 1
                 slot.update(obs=obs, info=info, ret=slot["ret"] + float(reward), len=slot["len"] + 1)
                 if terminated or truncated:
-                    # ALFWorld pays the goal-condition rate every step, so a positive return does not
-                    # mean a win there: its env says "won"; elsewhere success is return > 0 (paper).
-                    wins.append(bool(info["won"]) if "won" in info else slot["ret"] > 0)
+                    wins.append(episode_success(info, slot["ret"]))
                     returns.append(slot["ret"])
                     lengths.append(slot["len"])
                     groups.append(info.get("task_type"))

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from vlmrl.tasks import Task
+from vlmrl.tasks.base import observation_image
 
 _TEXT_WIDTH = 560
 _FONT_SIZE = 13
@@ -45,7 +46,7 @@ def render_episode(task: Task, seed: int, out_dir: str | Path, steps: int = 4, c
         obs, info = env.reset(seed=seed)
         for t in range(steps):
             answer = task.expert_response(info, cot)
-            image = obs if isinstance(obs, np.ndarray) and obs.ndim == 3 else None
+            image = observation_image(obs)
             text = f"PROMPT\n{task.prompt(info, cot)}\n\nEXPERT ANSWER\n{answer}"
             path = out / f"{task.name}-seed{seed}-step{t}.png"
             compose(image, text).save(path)

@@ -32,6 +32,7 @@ from vlmrl.checkpoint import save_checkpoint
 from vlmrl.errors import UserError
 from vlmrl.evaluate import HELD_OUT_SEED_BASE
 from vlmrl.tasks import Task, get_task
+from vlmrl.tasks.base import observation_image
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, image, padding)
 
@@ -130,10 +131,8 @@ def collect_demonstrations(
     demos: list[Demo] = []
     try:
         for i in range(episodes):
-            if games is not None:
-                obs, info = env.reset(seed=seed * 1_000_000 + i, options={"game": order[i]})
-            else:
-                obs, info = env.reset(seed=seed * 1_000_000 + i)
+            options = {"game": order[i]} if games is not None else None
+            obs, info = env.reset(seed=seed * 1_000_000 + i, options=options)
             for _ in range(max_steps):
                 try:
                     expert = task.expert_action(info)
@@ -142,22 +141,14 @@ def collect_demonstrations(
                 action = expert
                 if rng.random() < random_action_fraction:
                     choices = task.random_actions(info)
-                    if choices is None:
-                        action = int(rng.integers(len(task.legal_actions(info))))
-                    else:
-                        action = int(choices[int(rng.integers(len(choices)))])
-                demos.append(Demo(_image(obs), task.prompt(info, cot), task.response(info, action, cot), action == expert))
+                    action = int(choices[int(rng.integers(len(choices)))])
+                demos.append(Demo(observation_image(obs), task.prompt(info, cot), task.response(info, action, cot), action == expert))
                 obs, _, terminated, truncated, info = env.step(action)
                 if terminated or truncated:
                     break
     finally:
         env.close()
     return demos
-
-
-def _image(obs: Any) -> np.ndarray | None:
-    """The observation as an image array, or None for a text observation."""
-    return None if isinstance(obs, str) else np.asarray(obs)
 
 
 DEMO_CACHE_VERSION = "1"

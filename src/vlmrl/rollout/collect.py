@@ -21,6 +21,7 @@ import torch
 from vlmrl.evaluate import HELD_OUT_SEED_BASE
 from vlmrl.rollout.buffer import RolloutBuffer
 from vlmrl.tasks import Task
+from vlmrl.tasks.base import episode_success, observation_image
 from vlmrl.tasks.parsing import parse_action
 
 
@@ -77,7 +78,7 @@ class Collector:
         return [self.task.prompt(info, self.cot) for info in self.infos]
 
     def images(self) -> list[np.ndarray | None]:
-        return [_image(o) for o in self.obs]
+        return [observation_image(o) for o in self.obs]
 
     @torch.no_grad()
     def collect(
@@ -130,7 +131,7 @@ class Collector:
                     self.finished.returns.append(float(self.ep_return[i]))
                     self.finished.lengths.append(int(self.ep_length[i]))
                     self.finished.groups.append(info.get("task_type"))
-                    self.finished.wins.append(bool(info["won"]) if "won" in info else self.ep_return[i] > 0)
+                    self.finished.wins.append(episode_success(info, self.ep_return[i]))
                     self.ep_return[i], self.ep_length[i] = 0.0, 0
                     if trunc and not term:
                         final[i] = (obs, info)
@@ -140,7 +141,7 @@ class Collector:
             final_values = torch.zeros(self.num_envs)
             if final:
                 keys = sorted(final)
-                v = policy.values([_image(final[k][0]) for k in keys],
+                v = policy.values([observation_image(final[k][0]) for k in keys],
                                   [self.task.prompt(final[k][1], self.cot) for k in keys])
                 final_values[keys] = v.float().cpu()
             buffer.add(
@@ -183,7 +184,3 @@ class Collector:
         for env in self.envs:
             env.close()
 
-
-def _image(obs: Any) -> np.ndarray | None:
-    """The observation image, or None for a text-only observation."""
-    return obs if isinstance(obs, np.ndarray) and obs.ndim == 3 else None

@@ -15,8 +15,20 @@ import json
 from typing import Any, Sequence
 
 import gymnasium as gym
+import numpy as np
 
 Info = dict[str, Any]
+
+
+def observation_image(obs: Any) -> np.ndarray | None:
+    """The observation as the policy's image, or None for a text observation (ALFWorld)."""
+    return obs if isinstance(obs, np.ndarray) and obs.ndim == 3 else None
+
+
+def episode_success(info: Info, episode_return: float) -> bool:
+    """Whether a finished episode counts as won: the env's own ``won`` where it reports one (ALFWorld,
+    whose per-step goal-condition reward makes a lost episode's return positive), else return > 0 (RL4VLM)."""
+    return bool(info["won"]) if "won" in info else episode_return > 0
 
 
 class Task:
@@ -57,11 +69,11 @@ class Task:
         """The words that are legal now; fixed for the card tasks, per step for ALFWorld."""
         return self.action_words
 
-    def random_actions(self, info: Info) -> Sequence[int] | None:
+    def random_actions(self, info: Info) -> Sequence[int]:
         """The actions a deliberately imperfect demonstrator picks among, uniformly, when it does not
-        follow the expert; None means every legal action. Tasks override it where a uniformly random
+        follow the expert: every legal action, unless the task overrides it where a uniformly random
         word is not a plausible move (formulas: one that breaks the formula's grammar)."""
-        return None
+        return range(len(self.legal_actions(info)))
 
     def make_env(self, **kwargs: Any) -> gym.Env:
         try:

@@ -256,14 +256,18 @@ class FormulaTask(Task):
     def info_text(self, info: Info) -> str:
         return f"Current formula: {info['formula'] if info['tokens'] else '(empty)'}"
 
+    @property
+    def arithmetic(self) -> tuple[str, ...]:
+        """The operators that combine two values (not the parentheses)."""
+        return tuple(o for o in self.operators if o in "+-*/")
+
     def plan(self, info: Info) -> tuple[str, ...] | None:
         """The shortest way to finish the formula so far (without "="); None if it cannot reach the target."""
-        ops = "".join(o for o in self.operators if o in "+-*/")
         return complete(
             info["tokens"],
             info["remaining"],
             info["target"],
-            operators=ops,
+            operators="".join(self.arithmetic),
             parens="(" in self.operators,
             max_tokens=info["max_length"] - len(info["tokens"]),
         )
@@ -280,11 +284,12 @@ class FormulaTask(Task):
         are always well formed (the expert's are too); which cards and operators it picks is random."""
         words = self.legal_actions(info)
         tokens = [t for t in info["tokens"] if t != BLANK]
-        if (not tokens or tokens[-1] in ("+", "-", "*", "/", "(")) and info["remaining"]:
+        wants_number = not tokens or tokens[-1] in (*self.arithmetic, "(")
+        if not info["remaining"]:
+            return [words.index("=")]
+        if wants_number:
             return sorted({words.index(str(v)) for v in info["remaining"]})
-        if info["remaining"] and tokens[-1] not in ("+", "-", "*", "/", "("):
-            return [words.index(o) for o in self.operators if o in "+-*/"]
-        return [words.index("=")]
+        return [words.index(o) for o in self.arithmetic]
 
     def thoughts(self, info: Info, action: int) -> str:
         word = self.legal_actions(info)[action]
