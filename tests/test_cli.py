@@ -32,3 +32,24 @@ def test_bad_number_is_rejected_by_argparse():
     proc = subprocess.run([sys.executable, "-m", "vlmrl.cli", "eval", "NumberLine", "--episodes", "-3"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "positive" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _subcommands():
+    from vlmrl.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.choices and isinstance(a.choices, dict)]
+    return sorted(sub.choices)
+
+
+def test_every_help_prints_and_exits_0(capsys):
+    import pytest
+
+    commands = _subcommands()
+    assert {"demo", "sft", "train", "eval", "render"} <= set(commands)
+    for argv in [["--help"]] + [[c, "--help"] for c in commands]:
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        out = capsys.readouterr().out
+        assert done.value.code == 0, argv
+        assert out.startswith("usage: vlmrl"), (argv, out[:200])

@@ -68,19 +68,33 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from vlmrl.sft import SFTConfig, run_sft
+    from vlmrl.sft import SFTConfig, check_resume_settings, run_sft, saved_config
     from vlmrl.tasks import get_task
 
-    task = get_task(args.task)
-    cfg = SFTConfig(
-        task=task.name, model=args.model, out_dir=args.out, episodes=args.episodes,
-        env_kwargs={"split": args.split} if args.split else {}, expert_only=args.expert_only,
-        random_action_fraction=args.random_fraction, cot=not args.no_cot, lr=args.lr,
-        batch_size=args.batch_size, steps=args.steps, seed=args.seed, finetune=args.finetune,
-        checkpoint_every=args.checkpoint_every, image_size=args.image_size,
-    )
-    out = run_sft(cfg)
-    print(f"saved the SFT policy to {out}; evaluate it with: vlmrl eval {task.name} --policy {out}")
+    # SFTConfig field -> (option dest, default of a new run). The options default to None so that
+    # --resume can tell a setting given on the command line from one left out.
+    options = {
+        "model": ("model", "tiny"), "episodes": ("episodes", 400), "random_action_fraction": ("random_fraction", 0.0),
+        "expert_only": ("expert_only", False), "lr": ("lr", 1e-3), "batch_size": ("batch_size", 16),
+        "steps": ("steps", 0), "seed": ("seed", 0), "finetune": ("finetune", "full"),
+        "checkpoint_every": ("checkpoint_every", 0), "image_size": ("image_size", None),
+    }
+    given = {field: getattr(args, dest) for field, (dest, _) in options.items() if getattr(args, dest) is not None}
+    if args.task is not None:
+        given["task"] = get_task(args.task).name
+    if args.split is not None:
+        given["env_kwargs"] = {"split": args.split}
+    if args.no_cot:
+        given["cot"] = False
+    if args.resume:  # the run's own settings; any given here must agree with them
+        cfg = saved_config(args.out)
+        check_resume_settings(cfg, given)
+    else:
+        if args.task is None:
+            raise UserError("sft needs a TASK, e.g. `vlmrl sft NumberLine --out runs/sft` (or --resume to continue a run)")
+        cfg = SFTConfig(**{field: default for field, (_, default) in options.items()} | given, out_dir=args.out)
+    out = run_sft(cfg, resume=args.resume)
+    print(f"saved the SFT policy to {out}; evaluate it with: vlmrl eval {cfg.task} --policy {out}")
     return 0
 
 
@@ -135,25 +149,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on the task expert's demonstrations")
-    p.add_argument("task")
-    p.add_argument("--model", default="tiny", help="a Hugging Face VLM folder, or 'tiny' (built offline)")
-    p.add_argument("--episodes", type=_positive_int, default=400,
-                   help="demonstration episodes (ALFWorld: distinct games of the split)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--random-fraction", type=float, default=0.0,
-                   help="probability of a random action per demonstration step (an imperfect start)")
-    p.add_argument("--expert-only", action="store_true",
+    p.add_argument("task", nargs="?", default=None, help="the task (optional with --resume: the run's own)")
+    p.add_argument("--model", default=None, help="a Hugging Face VLM folder, or 'tiny' (built offline; the default)")
+    p.add_argument("--episodes", type=_positive_int, default=None,
+                   help="demonstration episodes, default 400 (ALFWorld: distinct games of the split)")
+    p.add_argument("--out", required=True, help="run folder: sft_config.json, checkpoints/, the final model")
+    p.add_argument("--random-fraction", type=float, default=None,
+                   help="probability of a random action per demonstration step (an imperfect start; default 0)")
+    p.add_argument("--expert-only", action="store_true", default=None,
                    help="learn only the expert's answers (random actions just take detours)")
     p.add_argument("--split", default=None, help="ALFWorld split of the demonstration games, e.g. train")
     p.add_argument("--no-cot", action="store_true")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps (0: 3 epochs)")
-    p.add_argument("--finetune", default="full", choices=("full", "lora"))
-    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="default 16")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 0: 3 epochs)")
+    p.add_argument("--finetune", default=None, choices=("full", "lora"), help="default full")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="save a resumable checkpoint every this many steps (default 0: none)")
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="resize observations to this many pixels square (Qwen processors; a multiple of patch x merge)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="default 0")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the killed run in --out from its newest checkpoint (from the start if it has "
+                        "none) with its saved settings, to the same weights as an uninterrupted run; settings "
+                        "given as well must equal the saved ones")
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("train", help="PPO fine-tuning from a policy folder (usually an SFT result)")
@@ -172,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="play held-out seeded episodes and report success with a 95% CI")
+    p = sub.add_parser("eval", help="play held-out seeded episodes and report success with a 95%% CI")
     p.add_argument("task", help="NumberLine, EZPoints, Points24, Blackjack or ALFWorld")
     p.add_argument("--policy", default="expert", help="random, expert, or a policy folder (from sft/train)")
     p.add_argument("--episodes", type=_positive_int, default=None,
