@@ -134,3 +134,34 @@ def test_an_option_the_env_does_not_take_is_a_user_error():
 
     with pytest.raises(UserError, match="does not take"):
         get_task("NumberLine").make_env(split="train")
+
+
+@pytest.mark.parametrize("key, owner", [("temperature", "temperature"), ("top_p", "top_p"),
+                                        ("max_new_tokens", "max_new_tokens"),
+                                        ("thought_weight", "ppo.thought_weight"), ("seed", "seed")])
+def test_a_policy_key_the_run_would_ignore_is_an_error(key, owner):
+    # these were accepted, then replaced by the run's own field of the same meaning
+    with pytest.raises(UserError, match=rf"'policy.{key}' would be ignored.*set {owner} instead"):
+        load_config(TrainConfig, None, {f"policy.{key}": 0.7 if key != "max_new_tokens" else 9})
+
+
+def test_a_python_built_config_checks_itself():
+    from vlmrl.config import PolicyConfig
+
+    with pytest.raises(UserError, match=r"policy.temperature \(set temperature instead\)"):
+        TrainConfig(policy=PolicyConfig(temperature=0.7))
+    with pytest.raises(UserError, match=r"lr must be > 0"):
+        PPOConfig(lr=-1.0)
+    with pytest.raises(UserError, match=r"num_envs must be >= 1"):
+        TrainConfig(num_envs=0)
+    with pytest.raises(UserError, match=r"ppo.minibatch_size \(9\) must be <="):
+        TrainConfig(num_envs=2, num_steps=2, ppo=PPOConfig(minibatch_size=9))
+
+
+def test_the_run_sets_the_policy_sampling_fields_and_saves_them_once(tmp_path):
+    cfg = load_config(TrainConfig, None, {"temperature": 0.7, "top_p": 0.9, "seed": 3, "ppo.thought_weight": 0.3})
+    p = cfg.policy_config()
+    assert (p.temperature, p.top_p, p.seed, p.thought_weight) == (0.7, 0.9, 3, 0.3)
+    saved = to_dict(cfg)
+    assert not {"temperature", "top_p", "max_new_tokens", "thought_weight", "seed"} & set(saved["policy"])
+    assert load_config(TrainConfig, save_config(cfg, tmp_path / "c.json")) == cfg

@@ -8,6 +8,7 @@ as plain data to save beside a run. Defaults follow RL4VLM (Zhai et al., 2024) a
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import json
@@ -122,6 +123,9 @@ class PPOConfig:
     # Normalise advantages over the whole rollout before the epochs (paper's code: yes).
     normalize_advantages: bool = True
 
+    def __post_init__(self) -> None:
+        _check_now(self)
+
 
 @dataclass
 class TrainConfig:
@@ -172,9 +176,17 @@ class TrainConfig:
     log_samples: int = 4
     # The algorithm.
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    # The model side (precision, LoRA or full fine-tuning, value head). Its sampling fields are
-    # overridden by this config's temperature / top_p / max_new_tokens and ppo.thought_weight.
+    # The model side (precision, LoRA or full fine-tuning, value head). Its sampling fields are not
+    # settings of a run: they come from temperature / top_p / max_new_tokens / seed above and
+    # ppo.thought_weight (RUN_OWNED_POLICY_FIELDS), and setting them here is an error.
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+    def __post_init__(self) -> None:
+        owned = [f"policy.{name} (set {where} instead)" for name, where in RUN_OWNED_POLICY_FIELDS.items()
+                 if getattr(self.policy, name) != getattr(_POLICY_DEFAULTS, name)]
+        if owned:
+            raise UserError("these settings would be ignored, the run sets them: " + "; ".join(owned))
+        _check_now(self)
 
     def policy_config(self) -> PolicyConfig:
         """The policy settings with the run's sampling settings, so both agree by construction."""
@@ -182,6 +194,12 @@ class TrainConfig:
             self.policy, temperature=self.temperature, top_p=self.top_p,
             max_new_tokens=self.max_new_tokens, thought_weight=self.ppo.thought_weight, seed=self.seed,
         )
+
+
+# PolicyConfig field -> the TrainConfig field that sets it in a training run.
+RUN_OWNED_POLICY_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_new_tokens": "max_new_tokens",
+                           "thought_weight": "ppo.thought_weight", "seed": "seed"}
+_POLICY_DEFAULTS = PolicyConfig()
 
 
 # --- range checks ---------------------------------------------------------------------------------
@@ -240,6 +258,19 @@ def _cross_checks(cfg: Any, prefix: str) -> list[str]:
     return problems
 
 
+# load_config builds nested configs before their parent and checks the whole tree once at the end,
+# so that every problem is named with its full dotted key; built directly, a config checks itself.
+_deferred = contextvars.ContextVar("deferred_config_checks", default=False)
+
+
+def _check_now(cfg: Any) -> None:
+    if _deferred.get():
+        return
+    problems = _problems(cfg, "", recurse=False)  # nested configs checked themselves when built
+    if problems:
+        raise UserError("invalid config: " + "; ".join(problems))
+
+
 def validate(cfg: Any, prefix: str = "") -> None:
     """Check the ranges of a config (and its nested configs); raise UserError naming every problem."""
     problems = _problems(cfg, prefix)
@@ -247,7 +278,7 @@ def validate(cfg: Any, prefix: str = "") -> None:
         raise UserError("invalid config: " + "; ".join(problems))
 
 
-def _problems(cfg: Any, prefix: str) -> list[str]:
+def _problems(cfg: Any, prefix: str, recurse: bool = True) -> list[str]:
     problems = []
     for name, ok, requirement in _CHECKS.get(type(cfg), []):
         value = getattr(cfg, name)
@@ -255,7 +286,7 @@ def _problems(cfg: Any, prefix: str) -> list[str]:
             problems.append(f"{prefix}{name} must be {requirement}, got {value!r}")
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
+        if recurse and dataclasses.is_dataclass(value):
             problems += _problems(value, f"{prefix}{f.name}.")
     return problems + _cross_checks(cfg, prefix)
 
@@ -276,7 +307,11 @@ def load_config(cls: type, source: Mapping[str, Any] | str | os.PathLike | None 
     data = _read_source(source)
     for key, value in (overrides or {}).items():
         _set_dotted(data, str(key), value)
-    cfg = _build(cls, data, "")
+    token = _deferred.set(True)
+    try:
+        cfg = _build(cls, data, "")
+    finally:
+        _deferred.reset(token)
     validate(cfg)
     return cfg
 
@@ -298,8 +333,14 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain JSON-able data; ``load_config(type(cfg), to_dict(cfg)) == cfg``."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    """The config as plain JSON-able data; ``load_config(type(cfg), to_dict(cfg)) == cfg``.
+
+    A TrainConfig's policy section leaves out the fields the run sets (RUN_OWNED_POLICY_FIELDS)."""
+    data = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if isinstance(cfg, TrainConfig):
+        for name in RUN_OWNED_POLICY_FIELDS:
+            data["policy"].pop(name)
+    return data
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
@@ -372,6 +413,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     for key in data:
+        if prefix == "policy." and key in RUN_OWNED_POLICY_FIELDS:
+            raise UserError(f"config key 'policy.{key}' would be ignored: a run sets it from "
+                            f"'{RUN_OWNED_POLICY_FIELDS[key]}'; set {RUN_OWNED_POLICY_FIELDS[key]} instead")
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
