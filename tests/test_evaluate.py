@@ -64,10 +64,10 @@ def test_an_env_that_reports_won_decides_success_not_the_return(monkeypatch):
 
         def reset(self, *, seed=None, options=None):
             super().reset(seed=seed)
-            return self.observation_space.sample() * 0, {"current": 0, "target": 1, "won": False}
+            return self.observation_space.sample() * 0, {"current": 0, "target": 1, "won": False, "action_words": ("-", "+")}
 
         def step(self, action):
-            return self.observation_space.sample() * 0, 0.5, False, True, {"current": 0, "target": 1, "won": False}
+            return self.observation_space.sample() * 0, 0.5, False, True, {"current": 0, "target": 1, "won": False, "action_words": ("-", "+")}
 
     task = get_task("NumberLine")
     monkeypatch.setattr(task, "make_env", lambda **kw: Stall())

@@ -209,12 +209,13 @@ def test_expert_win_rate():
 
 def test_task_text_side():
     assert get_task("Blackjack") is TASK
-    assert TASK.action_words == ("stand", "hit")
     info = BlackjackEnv().reset(seed=11)[1]
+    assert TASK.legal_actions(info) == ("stand", "hit")
     dealer, cards, total = TASK.read_state(info)
     assert dealer == info["dealer_card"]
     assert cards.split(", ") == info["player_cards"] and total == str(info["player_sum"])
-    soft17 = {"player_cards": ["A", "6"], "dealer_card": "9", "player_sum": 17, "usable_ace": True, "dealer_value": 9}
+    soft17 = {"player_cards": ["A", "6"], "dealer_card": "9", "player_sum": 17, "usable_ace": True, "dealer_value": 9,
+              "action_words": ("stand", "hit")}
     assert TASK.expert_action(soft17) == HIT
     assert TASK.thoughts(soft17, HIT) == "Soft 17 against 9, so hit."
     assert TASK.thoughts(soft17, STAND) == "Soft 17 against 9; trying stand."
@@ -228,5 +229,5 @@ def test_responses_parse_back_and_thoughts_are_short():
         for action in (STAND, HIT):
             assert len(TASK.thoughts(info, action).split()) <= 12
             for cot in (True, False):
-                parsed = parse_action(TASK.response(info, action, cot), TASK.action_words, rng)
+                parsed = parse_action(TASK.response(info, action, cot), TASK.legal_actions(info), rng)
                 assert parsed.action == action and parsed.valid

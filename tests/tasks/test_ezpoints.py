@@ -10,7 +10,7 @@ from vlmrl.tasks import get_task
 from vlmrl.tasks.parsing import parse_action
 
 TASK = get_task("EZPoints")
-WORDS = TASK.action_words
+WORDS = TASK.make_env().unwrapped.action_words  # the env's words, the task's only source
 
 
 def make(**kw):

@@ -132,11 +132,12 @@ def test_expert_always_wins():
 
 def test_task_text_side():
     assert get_task("NumberLine") is TASK and get_task("vlmrl/NumberLine-v0") is TASK
-    assert TASK.action_words == ("-", "+")
-    info = {"current": 2, "target": 4, "max_position": 5}
+    # a stored info: the words come with it, as the env publishes them
+    info = {"current": 2, "target": 4, "max_position": 5, "action_words": ("-", "+")}
     assert TASK.read_state(info) == ("2", "4")
     assert TASK.expert_action(info) == PLUS
-    assert TASK.expert_action({"current": 5, "target": 1, "max_position": 5}) == MINUS
+    assert TASK.expert_action({"current": 5, "target": 1, "max_position": 5, "action_words": ("-", "+")}) == MINUS
+    assert TASK.legal_actions(NumberLineEnv().reset(seed=0)[1]) == ("-", "+")
     assert TASK.thoughts(info, PLUS) == "2 is less than 4, so move +."
     assert TASK.thoughts(info, MINUS) == "2 is less than 4; trying -."
     prompt = TASK.prompt(info)
@@ -147,9 +148,9 @@ def test_responses_parse_back_and_thoughts_are_short():
     rng = np.random.default_rng(0)
     for c in range(6):
         for t in range(6):
-            info = {"current": c, "target": t, "max_position": 5}
+            info = {"current": c, "target": t, "max_position": 5, "action_words": ("-", "+")}
             for action in (MINUS, PLUS):
                 assert len(TASK.thoughts(info, action).split()) <= 12
                 for cot in (True, False):
-                    parsed = parse_action(TASK.response(info, action, cot), TASK.action_words, rng)
+                    parsed = parse_action(TASK.response(info, action, cot), TASK.legal_actions(info), rng)
                     assert parsed == (action, True, parsed.thought)

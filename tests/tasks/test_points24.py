@@ -9,10 +9,10 @@ from vlmrl.errors import UserError
 from vlmrl.tasks import get_task
 from vlmrl.tasks.formula import evaluate, tokenize
 from vlmrl.tasks.parsing import parse_action
-from vlmrl.tasks.points24 import Points24Env, Points24Task
+from vlmrl.tasks.points24 import Points24Env
 
 TASK = get_task("Points24")
-WORDS = TASK.action_words
+WORDS = TASK.make_env().unwrapped.action_words  # the env's words, the task's only source
 
 
 def make(**kw):
@@ -36,10 +36,9 @@ def test_check_env(kw):
 
 def test_action_words_match_the_paper():
     assert WORDS == tuple(str(i) for i in range(1, 11)) + ("+", "-", "*", "/", "(", ")", "=")
-    assert make().unwrapped.action_words == WORDS
-    wide = Points24Task(treat_face_cards_as_10=False)
-    assert wide.action_words[10:13] == ("11", "12", "13") and len(wide.action_words) == 20
-    assert wide.make_env().unwrapped.action_words == wide.action_words
+    wide = TASK.make_env(treat_face_cards_as_10=False)
+    words = TASK.legal_actions(wide.reset(seed=0)[1])
+    assert words[10:13] == ("11", "12", "13") and len(words) == 20 == wide.action_space.n
 
 
 
@@ -68,7 +67,7 @@ def test_face_cards_count_ten_by_default_and_keep_their_value_on_request():
     wide = make(treat_face_cards_as_10=False)
     _, info = wide.reset(seed=0, options={"ranks": [11, 12, 13, 1]})
     assert info["values"] == [11, 12, 13, 1]
-    ws = Points24Task(False).action_words
+    ws = wide.unwrapped.action_words
     # 12 * (13 - 11) * 1 = 24
     for w in ["12", "*", "(", "13", "-", "11", ")", "*"]:
         _, r, *_ = wide.step(ws.index(w))
@@ -156,7 +155,7 @@ def run_expert(env, task, seed, random_prob=0.0, rng=None):
     while not done:
         a = task.expert_action(info)
         if rng is not None and rng.random() < random_prob:
-            a = int(rng.integers(len(task.action_words)))
+            a = int(rng.integers(len(task.legal_actions(info))))
         obs, r, term, trunc, info = env.step(a)
         ret, steps, done = ret + r, steps + 1, term or trunc
     return first, ret, steps, trunc

@@ -48,7 +48,7 @@ import gymnasium as gym
 from gymnasium import spaces
 
 from vlmrl.errors import UserError
-from vlmrl.tasks.base import Info, Task
+from vlmrl.tasks.base import Info, Task, discrete_actions
 
 TASK_TYPES = (
     "pick_and_place_simple",
@@ -462,13 +462,18 @@ class ALFWorldTask(Task):
         "You are in a household. Finish the task below by choosing, at every step, one of the "
         "admissible commands, copied exactly."
     )
-    action_words = ()  # per step: the admissible commands in info
     state_fields = ()  # everything the agent needs is already text in the prompt
     #: no image: the policy builds a text-only prompt
     text_only = True
 
     def legal_actions(self, info: Info) -> Sequence[str]:
+        # per step, from the env: action i is admissible command i (an index past the list is a no-op)
         return tuple(info["admissible_commands"])
+
+    def check_actions(self, env: gym.Env) -> None:
+        # The words change every step (a few dozen commands, far below MAX_COMMANDS), so only the
+        # space can be checked without a reset, which costs seconds here.
+        discrete_actions(env, self.env_id)
 
     def read_state(self, info: Info) -> tuple[str, ...]:
         return ()
@@ -501,7 +506,7 @@ class ALFWorldTask(Task):
         fields["action"] = "<one admissible command, copied exactly>"
         return "\n".join(
             [
-                f"You are playing {self.name}. {self.description}",
+                f"You are playing {self.name}. {self.describe(info)}",
                 self.info_text(info),
                 "Answer with one JSON object and nothing else, in this format:",
                 json.dumps(fields, ensure_ascii=False),

@@ -4,6 +4,12 @@ A task pairs a Gymnasium environment (registered as ``vlmrl/<Name>-v0``) with th
 Everything here reads only the env's ``info`` dict, never the env object, so prompts, experts and
 demonstrations work the same for a live env, a vectorised one or a stored transition.
 
+The action words have one source, the env: a fixed-action env sets ``action_words`` (action index ->
+word, one per action of its ``Discrete`` space) and puts them in every info as ``info["action_words"]``;
+``make_env`` refuses an env whose words do not match its action space. Text that depends on env
+options (e.g. what a face card counts) is read from info too (``describe``, ``state_hints``), so
+prompt, expert and env cannot disagree.
+
 The response format follows RL4VLM: one JSON object whose chain-of-thought fields come first (the
 state the agent reads from the image, then ``"thoughts"``) and whose last field is ``"action"``.
 The action-only variant (``cot=False``, the paper's ablation) keeps just ``"action"``.
@@ -16,6 +22,9 @@ from typing import Any, Sequence
 
 import gymnasium as gym
 import numpy as np
+from gymnasium import spaces
+
+from vlmrl.errors import UserError
 
 Info = dict[str, Any]
 
@@ -38,10 +47,8 @@ class Task:
     name: str = ""
     #: registered Gymnasium id, e.g. "vlmrl/NumberLine-v0"
     env_id: str = ""
-    #: what the agent must do, in a few sentences (goes at the top of the prompt)
+    #: what the agent must do, in a few sentences (goes at the top of the prompt; see ``describe``)
     description: str = ""
-    #: action index -> the word the model writes in the "action" field
-    action_words: tuple[str, ...] = ()
     #: (field name, hint) for each piece of state the agent reads from the observation
     state_fields: tuple[tuple[str, str], ...] = ()
     #: True when observations are text only (no image): the policy then builds a text-only prompt
@@ -64,10 +71,25 @@ class Task:
         """State given to the agent as text beside the image (e.g. the current formula); may be ''."""
         return ""
 
+    def describe(self, info: Info) -> str:
+        """The description for this env; override where it depends on env options (read from info)."""
+        return self.description
+
+    def state_hints(self, info: Info) -> tuple[tuple[str, str], ...]:
+        """``state_fields`` for this env; override where a hint depends on env options."""
+        return self.state_fields
+
     # --- shared ----------------------------------------------------------------------------------
     def legal_actions(self, info: Info) -> Sequence[str]:
-        """The words that are legal now; fixed for the card tasks, per step for ALFWorld."""
-        return self.action_words
+        """The words that are legal now, action index -> word: the env's ``info["action_words"]``
+        (ALFWorld overrides this with the step's admissible commands)."""
+        try:
+            return tuple(info["action_words"])
+        except KeyError:
+            raise UserError(
+                f"{self.env_id or self.name}: info has no 'action_words'; the env must publish its action "
+                "words in every info (or the task must override legal_actions)"
+            ) from None
 
     def random_actions(self, info: Info) -> Sequence[int]:
         """The actions a deliberately imperfect demonstrator picks among, uniformly, when it does not
@@ -76,12 +98,37 @@ class Task:
         return range(len(self.legal_actions(info)))
 
     def make_env(self, **kwargs: Any) -> gym.Env:
+        """``gym.make(self.env_id, **kwargs)``, checked with ``check_actions`` (UserError on a mismatch)."""
         try:
-            return gym.make(self.env_id, **kwargs)
+            env = gym.make(self.env_id, **kwargs)
         except TypeError as e:  # an option the environment does not take
-            from vlmrl.errors import UserError
-
             raise UserError(f"{self.env_id} does not take the options {kwargs}: {e}") from None
+        try:
+            self.check_actions(env)
+        except UserError:
+            env.close()
+            raise
+        return env
+
+    def check_actions(self, env: gym.Env) -> None:
+        """Raise UserError unless ``env.unwrapped.action_words`` names each action of the env's
+        ``Discrete`` space once, so a parsed word always plays that word. Reads attributes only: no reset."""
+        space = discrete_actions(env, self.env_id)
+        words = getattr(env.unwrapped, "action_words", None)
+        if words is None:
+            raise UserError(
+                f"{self.env_id} has no action_words: a fixed-action env must set env.action_words "
+                "(action index -> word) and put them in every info as info['action_words']"
+            )
+        if len(words) != space.n:
+            raise UserError(
+                f"{self.env_id} publishes {len(words)} action words for {space.n} actions: {tuple(words)}"
+            )
+        repeated = sorted({w for w in words if tuple(words).count(w) > 1})
+        if repeated:
+            raise UserError(
+                f"{self.env_id} lists the action words {repeated} more than once: a word must name one action"
+            )
 
     def prompt(self, info: Info, cot: bool = True) -> str:
         """The user message for one step (the image is attached separately by the policy)."""
@@ -89,10 +136,10 @@ class Task:
         words = " | ".join(self.legal_actions(info))
         fields: dict[str, str] = {}
         if cot:
-            fields.update({name: hint for name, hint in self.state_fields})
+            fields.update({name: hint for name, hint in self.state_hints(info)})
             fields["thoughts"] = "<reason step by step from the state to the action>"
         fields["action"] = f"<one of: {words}>"
-        lines = [f"You are playing {self.name}. {self.description}"]
+        lines = [f"You are playing {self.name}. {self.describe(info)}"]
         extra = self.info_text(info)
         if extra:
             lines.append(extra)
@@ -112,6 +159,14 @@ class Task:
 
     def expert_response(self, info: Info, cot: bool = True) -> str:
         return self.response(info, self.expert_action(info), cot)
+
+
+def discrete_actions(env: gym.Env, env_id: str) -> spaces.Discrete:
+    """The env's action space, which must be Discrete(n) from 0: tasks name actions by index."""
+    space = env.action_space
+    if not isinstance(space, spaces.Discrete) or int(space.start) != 0:
+        raise UserError(f"{env_id}: the action space is {space}; a task needs Discrete(n) starting at 0")
+    return space
 
 
 def _to_json(fields: dict[str, str]) -> str:

@@ -188,12 +188,14 @@ class BlackjackEnv(gym.Env):
     """Blackjack with a 300x300 RGB observation; actions Discrete(2): 0 stand, 1 hit."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+    #: action index -> word (Gymnasium's 0 stand, 1 hit); published in every info, where the task reads it
+    action_words = ("stand", "hit")
 
     def __init__(self, render_mode: str | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise UserError(f"Blackjack render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.render_mode = render_mode
-        self.action_space = spaces.Discrete(2)
+        self.action_space = spaces.Discrete(len(self.action_words))
         self.observation_space = spaces.Box(0, 255, shape=(SIZE, SIZE, 3), dtype=np.uint8)
         self.dealer: list[Card] = []
         self.player: list[Card] = []
@@ -222,6 +224,7 @@ class BlackjackEnv(gym.Env):
             # the dealer's cards in view: the face-up card, then the whole hand after the player stands
             "dealer_cards": [RANK_LABELS[r - 1] for r, _ in shown],
             "dealer_sum": hand_total(self._values(shown))[0],
+            "action_words": self.action_words,
         }
 
     def _obs(self) -> np.ndarray:
@@ -240,7 +243,7 @@ class BlackjackEnv(gym.Env):
         action = int(action)
         if action not in (0, 1):
             raise ValueError(f"Blackjack action must be 0 (stand) or 1 (hit), got {action}")
-        if action == 1:
+        if self.action_words[action] == "hit":
             self.player.append(self._draw())
             player_sum, _ = hand_total(self._values(self.player))
             terminated = player_sum > 21
@@ -271,7 +274,6 @@ class BlackjackTask(Task):
         "J, Q and K count 10; an ace counts 11 unless that takes you over 21, then 1. "
         '"hit" takes one more card; "stand" ends your turn and the dealer draws to 17 or more.'
     )
-    action_words = ("stand", "hit")
     state_fields = (
         ("dealer card", "<the dealer's face-up card>"),
         ("your cards", "<your cards, e.g. 7, K>"),
@@ -282,12 +284,14 @@ class BlackjackTask(Task):
         return info["dealer_card"], ", ".join(info["player_cards"]), str(info["player_sum"])
 
     def expert_action(self, info: Info) -> int:
-        return optimal_action(info["player_sum"], info["usable_ace"], info["dealer_value"])
+        # optimal_action speaks Gymnasium's 0 stand / 1 hit; the index is the env's, from its words
+        hit = optimal_action(info["player_sum"], info["usable_ace"], info["dealer_value"]) == 1
+        return self.legal_actions(info).index("hit" if hit else "stand")
 
     def thoughts(self, info: Info, action: int) -> str:
         kind = "Soft" if info["usable_ace"] else "Hard"
         hand = f"{kind} {info['player_sum']} against {info['dealer_card']}"
-        word = self.action_words[action]
+        word = self.legal_actions(info)[action]
         if action == self.expert_action(info):
             return f"{hand}, so {word}."
         return f"{hand}; trying {word}."

@@ -53,13 +53,11 @@ class EZPointsTask(FormulaTask):
     name = "EZPoints"
     env_id = "vlmrl/EZPoints-v0"
     description = (
-        "The image shows two playing cards. Build a formula that equals 12 using both cards' values "
-        'once, with "+" or "*"; J, Q and K count as 10. Each step writes one number or operator; '
+        "The image shows two playing cards. Build a formula that equals {target} using both cards' values "
+        'once, with "+" or "*"; {faces}. Each step writes one number or operator; '
         '"=" checks the formula.'
     )
-    operators = ("+", "*")
-    action_words = tuple(str(n) for n in range(1, 11)) + operators + ("=",)
-    state_fields = (("cards", "<the values of the two cards, left to right; J, Q and K count as 10>"),)
+    state_fields = (("cards", "<the values of the two cards, left to right; {faces}>"),)
 
 
 TASK = EZPointsTask()

@@ -66,6 +66,8 @@ class NumberLineEnv(gym.Env):
     """Reach the target number; observation is a 300x300 RGB image, actions Discrete(2): 0 "-", 1 "+"."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+    #: action index -> word; published in every info, where the task reads it
+    action_words = ("-", "+")
 
     def __init__(self, max_position: int = 5, render_mode: str | None = None):
         if isinstance(max_position, bool) or not isinstance(max_position, (int, np.integer)) or max_position < 1:
@@ -74,14 +76,15 @@ class NumberLineEnv(gym.Env):
             raise UserError(f"NumberLine render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.max_position = int(max_position)
         self.render_mode = render_mode
-        self.action_space = spaces.Discrete(2)
+        self.action_space = spaces.Discrete(len(self.action_words))
         self.observation_space = spaces.Box(0, 255, shape=(SIZE, SIZE, 3), dtype=np.uint8)
         self.current = 0
         self.target = 0
         self.steps = 0
 
     def _info(self) -> Info:
-        return {"current": self.current, "target": self.target, "max_position": self.max_position}
+        return {"current": self.current, "target": self.target, "max_position": self.max_position,
+                "action_words": self.action_words}
 
     def _obs(self) -> np.ndarray:
         return render_numberline(self.target, self.current)
@@ -101,7 +104,7 @@ class NumberLineEnv(gym.Env):
             raise ValueError(f"NumberLine action must be 0 ('-') or 1 ('+'), got {action}")
         self.steps += 1
         before = abs(self.current - self.target)
-        if action == 0:
+        if self.action_words[action] == "-":
             self.current = max(0, self.current - 1)
         else:
             self.current = min(self.max_position, self.current + 1)
@@ -125,7 +128,6 @@ class NumberLineTask(Task):
         'Each step, "+" adds one to the current number and "-" subtracts one. '
         "Make the current number equal to the target number in as few steps as possible."
     )
-    action_words = ("-", "+")
     state_fields = (
         ("current number", "<the current number in the image>"),
         ("target number", "<the target number in the image>"),
@@ -136,15 +138,15 @@ class NumberLineTask(Task):
 
     def expert_action(self, info: Info) -> int:
         # Moving toward the target always shortens the distance, so this always wins.
-        return 1 if info["current"] < info["target"] else 0
+        return self.legal_actions(info).index("+" if info["current"] < info["target"] else "-")
 
     def thoughts(self, info: Info, action: int) -> str:
         c, t = info["current"], info["target"]
-        word = self.action_words[action]
+        word = self.legal_actions(info)[action]
         if c == t:
             return f"{c} equals {t}; trying {word}."
-        relation, best = ("less than", 1) if c < t else ("more than", 0)
-        if action == best:
+        relation = "less than" if c < t else "more than"
+        if action == self.expert_action(info):
             return f"{c} is {relation} {t}, so move {word}."
         return f"{c} is {relation} {t}; trying {word}."
 

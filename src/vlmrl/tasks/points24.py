@@ -100,7 +100,11 @@ def _valid_ranks(ranks: Any, n: int) -> bool:
 
 
 class FormulaCardsEnv(gym.Env):
-    """The shared rules of EZPoints and Points24; subclasses deal the cards and set the constants."""
+    """The shared rules of EZPoints and Points24; subclasses deal the cards and set the constants.
+
+    Every info carries ``action_words`` and ``face_values`` (what J, Q, K count), the task's only source
+    for its words and text, so the prompt follows options like ``treat_face_cards_as_10``.
+    """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
 
@@ -116,8 +120,10 @@ class FormulaCardsEnv(gym.Env):
             raise UserError(f"{name} render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.target = int(target)
         self.render_mode = render_mode
+        # action index -> word, the one source of the words: published in every info for the task
         self.action_words = tuple(str(n) for n in self.numbers) + self.operators + ("=",)
         self.action_space = spaces.Discrete(len(self.action_words))
+        self.face_values = tuple(self._value(r) for r in (11, 12, 13))  # J, Q, K: for the task's text
         self.observation_space = spaces.Box(0, 255, shape=(SIZE, SIZE, 3), dtype=np.uint8)
         self.ranks: list[int] = []
         self.suits: list[int] = []
@@ -207,6 +213,8 @@ class FormulaCardsEnv(gym.Env):
             "target": self.target,
             "max_length": self.max_length,
             "solvable": is_solvable(self.values, self.target),
+            "face_values": self.face_values,
+            "action_words": self.action_words,
         }
 
 
@@ -245,10 +253,11 @@ def compact(tokens: Sequence[str]) -> str:
 
 
 class FormulaTask(Task):
-    """Prompt text, expert and thoughts shared by EZPoints and Points24 (everything read from info)."""
+    """Prompt text, expert and thoughts shared by EZPoints and Points24 (everything read from info).
 
-    #: the operator words the env offers (besides numbers and "=")
-    operators: tuple[str, ...] = ("+", "-", "*", "/", "(", ")")
+    ``description`` and the ``state_fields`` hints are templates: ``{target}`` and ``{faces}`` (what J,
+    Q and K count) are filled from info, so the text follows the env's options.
+    """
 
     def read_state(self, info: Info) -> tuple[str, ...]:
         return (", ".join(str(v) for v in info["values"]),)
@@ -256,10 +265,20 @@ class FormulaTask(Task):
     def info_text(self, info: Info) -> str:
         return f"Current formula: {info['formula'] if info['tokens'] else '(empty)'}"
 
-    @property
-    def arithmetic(self) -> tuple[str, ...]:
-        """The operators that combine two values (not the parentheses)."""
-        return tuple(o for o in self.operators if o in "+-*/")
+    def _fill(self, template: str, info: Info) -> str:
+        j, q, k = info["face_values"]
+        faces = f"J, Q and K count as {j}" if j == q == k else f"J, Q and K count as {j}, {q} and {k}"
+        return template.format(target=info["target"], faces=faces)
+
+    def describe(self, info: Info) -> str:
+        return self._fill(self.description, info)
+
+    def state_hints(self, info: Info) -> tuple[tuple[str, str], ...]:
+        return tuple((name, self._fill(hint, info)) for name, hint in self.state_fields)
+
+    def arithmetic(self, info: Info) -> tuple[str, ...]:
+        """The env's operators that combine two values (not the parentheses), in action order."""
+        return tuple(w for w in self.legal_actions(info) if w in ("+", "-", "*", "/"))
 
     def plan(self, info: Info) -> tuple[str, ...] | None:
         """The shortest way to finish the formula so far (without "="); None if it cannot reach the target."""
@@ -267,8 +286,8 @@ class FormulaTask(Task):
             info["tokens"],
             info["remaining"],
             info["target"],
-            operators="".join(self.arithmetic),
-            parens="(" in self.operators,
+            operators="".join(self.arithmetic(info)),
+            parens="(" in self.legal_actions(info),
             max_tokens=info["max_length"] - len(info["tokens"]),
         )
 
@@ -284,12 +303,13 @@ class FormulaTask(Task):
         are always well formed (the expert's are too); which cards and operators it picks is random."""
         words = self.legal_actions(info)
         tokens = [t for t in info["tokens"] if t != BLANK]
-        wants_number = not tokens or tokens[-1] in (*self.arithmetic, "(")
+        arithmetic = self.arithmetic(info)
+        wants_number = not tokens or tokens[-1] in (*arithmetic, "(")
         if not info["remaining"]:
             return [words.index("=")]
         if wants_number:
             return sorted({words.index(str(v)) for v in info["remaining"]})
-        return [words.index(o) for o in self.arithmetic]
+        return [words.index(o) for o in arithmetic]
 
     def thoughts(self, info: Info, action: int) -> str:
         word = self.legal_actions(info)[action]
@@ -313,24 +333,15 @@ class FormulaTask(Task):
 
 
 class Points24Task(FormulaTask):
+    # Options (treat_face_cards_as_10, target_points) go to make_env; words and text follow from info.
     name = "Points24"
     env_id = "vlmrl/Points24-v0"
-
-    def __init__(self, treat_face_cards_as_10: bool = True):
-        self.treat_face_cards_as_10 = bool(treat_face_cards_as_10)
-        top = 10 if self.treat_face_cards_as_10 else 13
-        faces = "J, Q and K count as " + ("10" if self.treat_face_cards_as_10 else "11, 12 and 13")
-        self.action_words = tuple(str(n) for n in range(1, top + 1)) + self.operators + ("=",)
-        self.description = (
-            "The image shows four playing cards. Build a formula that equals 24 using each card's value "
-            f"exactly once, with +, -, *, / and parentheses; {faces}. Each step writes one number, "
-            'operator or parenthesis; "=" checks the formula.'
-        )
-        self.state_fields = (("cards", f"<the values of the four cards, left to right; {faces}>"),)
-
-    def make_env(self, **kwargs: Any) -> gym.Env:
-        kwargs.setdefault("treat_face_cards_as_10", self.treat_face_cards_as_10)
-        return super().make_env(**kwargs)
+    description = (
+        "The image shows four playing cards. Build a formula that equals {target} using each card's value "
+        "exactly once, with +, -, *, / and parentheses; {faces}. Each step writes one number, "
+        'operator or parenthesis; "=" checks the formula.'
+    )
+    state_fields = (("cards", "<the values of the four cards, left to right; {faces}>"),)
 
 
 TASK = Points24Task()
