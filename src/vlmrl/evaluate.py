@@ -89,11 +89,14 @@ class ModelPolicy:
              max_new_tokens: int | None = None, name: str | None = None) -> "ModelPolicy":
         from vlmrl.config import PolicyConfig
         from vlmrl.policy.model import POLICY_CONFIG_FILE, VLMPolicy
-        from vlmrl.sft import resolve_model
+        from vlmrl.policy.presets import is_hub_id, resolve_model
 
+        if is_hub_id(path):
+            path = str(resolve_model(path))
         folder = Path(path)
         if not folder.exists() and path != "tiny":
-            raise UserError(f"policy {path!r}: use random, expert, or a policy folder written by sft/train")
+            raise UserError(f"policy {path!r}: use random, expert, a policy folder written by sft/train, "
+                            "or a Hugging Face Hub id")
         # A folder saved by VLMPolicy.save knows its own settings; a plain HF folder is scored as is.
         config = None if (folder / POLICY_CONFIG_FILE).is_file() else PolicyConfig(finetune="none")
         source = str(resolve_model(path, task.name)) if config is not None else path

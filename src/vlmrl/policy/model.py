@@ -40,6 +40,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 from vlmrl.config import PolicyConfig
+from vlmrl.policy.hf import quiet_library_bars
 from vlmrl.errors import UserError
 from vlmrl.policy import logprob as lp
 from vlmrl.policy.input_cache import LRU, InputCache
@@ -176,7 +177,11 @@ class VLMPolicy(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, config: PolicyConfig | None = None) -> "VLMPolicy":
         """Load a model folder, a hub id, or a folder written by ``save`` (same call for all)."""
+        from vlmrl.policy.presets import hub_snapshot, is_hub_id
+
         path = str(path)
+        if is_hub_id(path):  # through huggingface_hub: its cache and HF_HUB_OFFLINE apply
+            path = str(hub_snapshot(path))
         local = Path(path).expanduser()
         saved = local / POLICY_CONFIG_FILE
         if config is None:
@@ -184,11 +189,12 @@ class VLMPolicy(nn.Module):
         adapter = (local / "adapter_config.json").is_file()
         base_path = json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"] if adapter else path
 
-        model = _load_model(base_path, config)
-        processor = _load_processor(path if (local / "processor_config.json").exists() or not adapter else base_path)
-        with torch.random.fork_rng(devices=[]):  # peft draws LoRA_A from the global generator
-            torch.manual_seed(config.seed)
-            model = _apply_finetune(model, config, adapter_dir=local if adapter else None)
+        with quiet_library_bars():
+            model = _load_model(base_path, config)
+            processor = _load_processor(path if (local / "processor_config.json").exists() or not adapter else base_path)
+            with torch.random.fork_rng(devices=[]):  # peft draws LoRA_A from the global generator
+                torch.manual_seed(config.seed)
+                model = _apply_finetune(model, config, adapter_dir=local if adapter else None)
         if config.gradient_checkpointing:
             _enable_checkpointing(_hf(model))
         hidden = _hf(model).get_output_embeddings().in_features
@@ -207,8 +213,9 @@ class VLMPolicy(nn.Module):
         """Write adapter (LoRA) or full weights, the processor, the value head and the config."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)
-        self.processor.save_pretrained(out)
+        with quiet_library_bars():
+            self.model.save_pretrained(out)
+            self.processor.save_pretrained(out)
         state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
         save_file(state, str(out / VALUE_HEAD_FILE))
         settings = dataclasses.asdict(self.config) | {"device": None}  # the loading machine decides

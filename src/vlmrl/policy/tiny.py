@@ -45,6 +45,7 @@ from transformers.models.llava_next.processing_llava_next import LlavaNextProces
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from vlmrl.errors import UserError
+from vlmrl.policy.hf import quiet_library_bars
 from vlmrl.policy.processors import PROCESSOR_FOR_ARCH, register_processors
 
 ARCHS = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next")
@@ -372,8 +373,9 @@ def build_tiny_vlm(
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    with quiet_library_bars():
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
     return out
 
 
