@@ -34,36 +34,19 @@ from vlmrl.tasks import CARD_TASKS, get_task
 PAPER = {"NumberLine": (89.4, 26.9), "EZPoints": (50.0, 29.9), "Points24": (2.3, 0.0), "Blackjack": (40.2, 40.4)}
 RUN_LIMIT_SECONDS = 30 * 60  # each run should fit in half an hour on 2 CPU cores
 
-# Per-task changes to vlmrl.demo's NumberLine recipe (read at call time: the demo's numbers are the
-# measured ones). Each start is imperfect: SFT demonstrates random actions with the state read right
-# (formula tasks: Task.random_actions, a player who does not plan), except Points24, whose expert-only
-# SFT is imperfect on its own. Measured figures: README, "The paper's table on a CPU".
-OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
-    "NumberLine": {},
-    # two cards, 4 steps an episode; the non-planning player picks the operator at random: start ~43%
-    "EZPoints": {"train": dict(total_updates=30)},
-    # four cards, about 7 steps, answers up to ~40 tokens; the expert itself wins ~71% (unsolvable
-    # deals). Expert-only SFT: 10.5% at 3,000 steps, 20.2% at 4,500 (the plan is the hard part).
-    # PPO at the demo's lr 1e-4 is too big a step for a start this uncertain (EZPoints collapsed to
-    # 0% from a 70-step SFT); 3e-5 keeps it.
-    "Points24": {"sft": dict(episodes=1500, steps=4500, random_action_fraction=0.0),
-                 "train": dict(total_updates=20, max_new_tokens=64), "ppo": dict(lr=3e-5, end_lr=3e-6)},
-    # 1-2 steps an episode, 2 action words: the expert (optimal play) wins 42.95%. Summing 3-4 cards
-    # from the image takes longer SFT: 2000 expert-only steps read 181/200 hands right and win 46.4%.
-    # The reward is noisy: 64 envs a rollout and 120 updates at lr 5e-5 ended 0.8 points above
-    # 32 envs, 80 updates at 1e-4 (42.8% against 42.0% over 5,000 held-out deals).
-    "Blackjack": {"sft": dict(episodes=1500, steps=2000), "train": dict(num_envs=64, total_updates=120),
-                  "ppo": dict(lr=5e-5)},
-}
+# Each task's recipe is a file, configs/recipes/<task>.toml (tables [sft], [train], [eval]), with
+# comments on what was measured. Each start is imperfect: SFT demonstrates random actions with the
+# state read right (formula tasks: Task.random_actions, a player who does not plan), except Points24,
+# whose expert-only SFT is imperfect on its own. Measured figures: README, "The paper's table on a CPU".
 
 
 def recipe(task: str) -> dict[str, Any]:
-    """``{"sft": dict, "train": dict, "ppo": PPOConfig}``: vlmrl.demo's recipe with the task's overrides."""
-    if task not in OVERRIDES:
-        raise UserError(f"no learning recipe for {task!r}: choose from {', '.join(OVERRIDES)}")
-    over = OVERRIDES[task]
-    return {"sft": {**demo.SFT, **over.get("sft", {})}, "train": {**demo.TRAIN, **over.get("train", {})},
-            "ppo": dataclasses.replace(demo.PPO, **over.get("ppo", {}))}
+    """``{"sft": dict, "train": dict, "ppo": PPOConfig, "policy": ..., "eval": ..., "file": path}``: the
+    task's recipe file, checked."""
+    if task not in PAPER:
+        raise UserError(f"no learning recipe for {task!r}: choose from {', '.join(PAPER)}")
+    path = demo.recipe_file(task)
+    return {**demo.load_recipe(path), "file": str(path)}
 
 
 def scale(rec: dict[str, Any], budget: float) -> dict[str, Any]:
@@ -94,7 +77,7 @@ def apply_overrides(rec: dict[str, Any], items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             value = text
         {"sft": sft, "train": train, "ppo": ppo}[section][name] = value
-    return {"sft": sft, "train": train, "ppo": dataclasses.replace(rec["ppo"], **ppo)}
+    return {**rec, "sft": sft, "train": train, "ppo": dataclasses.replace(rec["ppo"], **ppo)}
 
 
 # --- one run -------------------------------------------------------------------------------------------
@@ -104,7 +87,7 @@ def run_one(task_name: str, cot: bool, rec: dict[str, Any], out: Path, model: st
             progress: bool) -> dict[str, Any]:
     """SFT -> evaluate -> PPO -> evaluate for one task, with or without CoT (``vlmrl.demo.run_demo``)."""
     return demo.run_demo(out, seed=seed, episodes=episodes, cot=cot, progress=progress, sft=rec["sft"],
-                         train_kw=rec["train"], ppo=rec["ppo"], task=task_name, model=model)
+                         train_kw=rec["train"], ppo=rec["ppo"], task=task_name, model=model, recipe=rec["file"])
 
 
 def baselines(task_name: str, episodes: int, seed: int) -> dict[str, dict[str, Any]]:
@@ -210,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.cot]
 
     print(f"{len(tasks) * len(modes)} runs, budget {args.budget}, {args.episodes} held-out episodes at "
-          f"temperature {demo.EVAL_TEMPERATURE}, seed {args.seed}", flush=True)
+          f"temperature {recipes[tasks[0]]['eval'].temperature}, seed {args.seed}", flush=True)
     base: dict[str, dict[str, dict[str, Any]]] = {}
     runs: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"budget": args.budget, "episodes": args.episodes, "seed": args.seed,

@@ -13,7 +13,7 @@ accumulation, clipping and AdamW), as samples/s, and the achieved FLOP/s of forw
 FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` over the same minibatches, divided by the
 measured time, against a dense fp32 ``torch.matmul`` peak measured in the same run on the same threads.
 
-Same settings as ``vlmrl demo`` (``vlmrl.demo.TRAIN`` / ``PPO``) unless overridden. Every figure is a
+Same settings as ``vlmrl demo`` (``configs/recipes/numberline.toml``) unless overridden. Every figure is a
 best-effort wall-clock time: on a shared machine compare runs only with the load average printed.
 When other jobs share the cores, ``--threads 1`` is the fair setting: the tiny model's small matmuls on
 two contended OpenMP threads ran about 10x slower than on one (measured at load average 7 on 2 cores).
@@ -41,7 +41,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import vlmrl.policy  # noqa: F401  (registers the tiny model's processor)
 from vlmrl.algorithms import ppo_loss
 from vlmrl.config import PolicyConfig, PPOConfig
-from vlmrl.demo import PPO, TRAIN
+from vlmrl.demo import load_recipe, recipe_file
+
+_DEMO = load_recipe(recipe_file("NumberLine"))  # the demo's recipe file
+PPO, TRAIN = _DEMO["ppo"], _DEMO["train"]
 from vlmrl.errors import UserError
 from vlmrl.policy.model import VLMPolicy
 from vlmrl.rollout import RolloutBuffer
@@ -375,7 +378,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         u.peak = peak
     print(update_table(updates))
     print(f"\npeak: {peak / 1e9:.1f} GFLOP/s (dense fp32 torch.matmul of [{args.peak_size}]^2 matrices, best of "
-          f"two runs of 5, {torch.get_num_threads()} threads); PPO settings from vlmrl.demo.PPO "
+          f"two runs of 5, {torch.get_num_threads()} threads); PPO settings from configs/recipes/numberline.toml "
           f"(grad_accum_steps {PPO.grad_accum_steps}); rollout of {len(buffer)} samples")
 
     at = [r for r in rows if r.envs == max(args.envs)][0]

@@ -101,10 +101,11 @@ def test_learning_table_runs_both_cot_modes(tiny_model, tmp_path, capsys, one_th
 def test_learning_recipes_reuse_the_demo_and_reject_bad_input(tmp_path):
     learning = load_script("learning")
     nl = learning.recipe("NumberLine")
-    assert nl["sft"] == demo.SFT and nl["train"] == demo.TRAIN and nl["ppo"] == demo.PPO
-    assert set(learning.OVERRIDES) == set(learning.PAPER)
+    shipped = demo.load_recipe(demo.recipe_file("NumberLine"))  # the demo's own file
+    assert nl["sft"] == shipped["sft"] and nl["train"] == shipped["train"] and nl["ppo"] == shipped["ppo"]
+    assert all(learning.recipe(t)["file"].endswith(f"{t.casefold()}.toml") for t in learning.PAPER)
     scaled = learning.scale(nl, 0.5)
-    assert scaled["sft"]["steps"] == -(-demo.SFT["steps"] // 2) and scaled["train"]["total_updates"] == -(-demo.TRAIN["total_updates"] // 2)
+    assert scaled["sft"]["steps"] == -(-nl["sft"]["steps"] // 2) and scaled["train"]["total_updates"] == -(-nl["train"]["total_updates"] // 2)
     assert learning.apply_overrides(nl, ["ppo.lr=0.001"])["ppo"].lr == 0.001
     with pytest.raises(UserError, match="section.key=value"):
         learning.apply_overrides(nl, ["train.num_env=8"])

@@ -202,6 +202,33 @@ RUN_OWNED_POLICY_FIELDS = {"temperature": "temperature", "top_p": "top_p", "max_
 _POLICY_DEFAULTS = PolicyConfig()
 
 
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: ``vlmrl eval``, and the [eval] table of a recipe."""
+
+    # Task name (or module:attr import path).
+    task: str = "NumberLine"
+    # random, expert, a policy folder (from sft/train) or a Hugging Face Hub id.
+    policy: str = "expert"
+    # Held-out episodes; None: 100 (ALFWorld: each game of the split once).
+    episodes: int | None = None
+    # Seeds the held-out episodes (reset seeds from 10^9 + seed * 10^6) and the sampling.
+    seed: int = 0
+    # Episodes played at once (one batch per step).
+    num_envs: int = 16
+    # Sampling temperature of model policies (paper: 0.2).
+    temperature: float = 0.2
+    # Longest response sampled from a model policy; None: the policy's own (256).
+    max_new_tokens: int | None = None
+    # Chain-of-thought prompt; False: the action-only ablation.
+    cot: bool = True
+    # Keyword arguments for the task's environment, e.g. {"split": "valid_unseen"} for ALFWorld.
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_now(self)
+
+
 # --- range checks ---------------------------------------------------------------------------------
 # (field, test, requirement as the user reads it); None values pass (Optional fields).
 _CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
@@ -225,6 +252,13 @@ _CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
         ("kl_coef", lambda v: v >= 0, ">= 0"),
         ("target_kl", lambda v: v > 0, "> 0 (or null for no early stop)"),
         ("invalid_action_penalty", lambda v: v >= 0, ">= 0 (it is subtracted from the reward)"),
+    ],
+    EvalConfig: [
+        ("episodes", lambda v: v >= 1, ">= 1"),
+        ("seed", lambda v: v >= 0, ">= 0"),
+        ("num_envs", lambda v: v >= 1, ">= 1"),
+        ("temperature", lambda v: v >= 0, ">= 0 (0: greedy)"),
+        ("max_new_tokens", lambda v: v >= 1, ">= 1"),
     ],
     TrainConfig: [
         ("task", lambda v: bool(v.strip()), "a task name"),
@@ -293,18 +327,51 @@ def _problems(cfg: Any, prefix: str, recurse: bool = True) -> list[str]:
 
 # --- loading --------------------------------------------------------------------------------------
 
+# A recipe file (configs/recipes/*.toml) holds one table per stage; each command reads its own.
+RECIPE_SECTIONS = ("sft", "train", "eval")
+
+
+def is_recipe(data: Mapping[str, Any]) -> bool:
+    """Whether ``data`` is a recipe (tables named by RECIPE_SECTIONS) rather than one config."""
+    return any(k in RECIPE_SECTIONS for k in data)
+
+
+def read_recipe(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """A recipe's tables, ``{"sft": {...}, "train": {...}, "eval": {...}}`` (each may be missing).
+
+    Raises UserError for a top-level key that is not one of RECIPE_SECTIONS: it would be ignored."""
+    data = _read_source(source)
+    where = "" if isinstance(source, Mapping) else f" {source}"
+    extra = sorted(set(data) - set(RECIPE_SECTIONS))
+    if extra:
+        raise UserError(f"recipe{where}: top-level key(s) {', '.join(extra)} would be ignored; put every "
+                        f"setting under one of the tables [{'], ['.join(RECIPE_SECTIONS)}]")
+    for name, table in data.items():
+        if not isinstance(table, Mapping):
+            raise UserError(f"recipe{where}: [{name}] must be a table of key = value, got {table!r}")
+    return {name: dict(table) for name, table in data.items()}
+
+
 def load_config(cls: type, source: Mapping[str, Any] | str | os.PathLike | None = None,
-                overrides: Mapping[str, Any] | None = None) -> Any:
+                overrides: Mapping[str, Any] | None = None, section: str | None = None) -> Any:
     """Build ``cls`` (a config dataclass) from ``source`` then ``overrides``, fully checked.
 
     Args:
         cls: e.g. TrainConfig.
         source: a dict, a path to a .json / .toml / .yaml / .yml file, or None for the defaults.
         overrides: applied on top; keys may be dotted ("ppo.lr") or nested dicts ({"ppo": {...}}).
+        section: when ``source`` is a recipe (tables [sft], [train], [eval]), the table to read.
     Raises:
         UserError: unreadable file, unknown key, wrong type or out-of-range value.
     """
     data = _read_source(source)
+    if section is not None and is_recipe(data):
+        tables = read_recipe(data)
+        if section not in tables:
+            where = "" if isinstance(source, Mapping) else f" {source}"
+            raise UserError(f"the recipe{where} has no [{section}] table (it has "
+                            f"{', '.join(f'[{t}]' for t in tables)})")
+        data = tables[section]
     for key, value in (overrides or {}).items():
         _set_dotted(data, str(key), value)
     token = _deferred.set(True)
@@ -435,6 +502,10 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        # TOML has no null: "none" stands for it where the field cannot also be text
+        if (isinstance(value, str) and value.strip().casefold() in ("none", "null") and type(None) in args
+                and str not in args):
+            return None
         for member in args:
             if member is type(None):
                 continue
@@ -498,5 +569,5 @@ def _looks_numeric(text: str) -> bool:
 
 
 __all__ = [
-    "PPOConfig", "TrainConfig", "load_config", "parse_overrides", "save_config", "to_dict", "validate",
+    "EvalConfig", "RECIPE_SECTIONS", "is_recipe", "read_recipe", "PPOConfig", "TrainConfig", "load_config", "parse_overrides", "save_config", "to_dict", "validate",
 ]

@@ -1,13 +1,14 @@
-"""`vlmrl demo`: the whole method on a laptop CPU, on NumberLine, in about a quarter of an hour.
+"""`vlmrl demo`: the whole method on a laptop CPU, on NumberLine, in a few minutes.
 
 1. build the tiny VLM offline (cached after the first run);
-2. SFT it on a deliberately imperfect expert (a fraction of the demonstrated actions are random,
-   as the paper's SFT start that won only 24.8% of NumberLine);
+2. SFT it on a deliberately imperfect expert (the demonstrated actions are random, as the paper's
+   SFT start that won only 24.8% of NumberLine);
 3. evaluate it on held-out episodes;
 4. PPO on the environment's reward;
 5. evaluate again, and print a before / after table with 95% confidence intervals.
 
-The recipe below is the measured default (see README); every number in it is a plain argument.
+The recipe is a file, ``configs/recipes/numberline.toml`` (tables [sft], [train], [eval]); every README
+figure names the recipe file that made it.
 """
 
 from __future__ import annotations
@@ -18,45 +19,65 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vlmrl.config import PolicyConfig, PPOConfig, TrainConfig
+from vlmrl.config import EvalConfig, PPOConfig, TrainConfig, load_config, read_recipe
 from vlmrl.errors import UserError
 
 TASK = "NumberLine"
-
-# SFT on a deliberately imperfect expert: it reads the image right and writes the state fields, but
-# every demonstrated action is random. The SFT policy learns the format and to read, not to decide,
-# and wins about as often as a random policy (the paper's SFT start: 24.8%). Any smaller fraction is
-# sharpened away at temperature 0.2: at 0.6 the SFT policy already wins 98.8%.
-SFT = dict(episodes=300, random_action_fraction=1.0, steps=300, batch_size=16, lr=1e-3)
-
-# PPO for a 0.4M-parameter model trained in full: the paper's 1e-5 / max-grad-norm 0.01 are for
-# LoRA on a 7B model and barely move a tiny one.
-PPO = PPOConfig(lr=1e-4, end_lr=1e-5, epochs=2, minibatch_size=16, grad_accum_steps=2, max_grad_norm=1.0,
-                clip=0.2, value_clip=None, gamma=0.9, gae_lambda=0.95, thought_weight=0.5, ent_coef=0.0)
-EVAL_TEMPERATURE = 0.2  # held-out evaluation samples at the paper's temperature
-TRAIN = dict(num_envs=32, num_steps=4, total_updates=30, temperature=0.2, max_new_tokens=48)
+# configs/recipes beside the package (a clone or an editable install)
+RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 
 
-def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, episodes: int = 500, cot: bool = True,
+def recipe_file(task: str) -> Path:
+    """The shipped recipe of a task, ``configs/recipes/<task>.toml``."""
+    path = RECIPES / f"{task.casefold()}.toml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in RECIPES.glob("*.toml")) if RECIPES.is_dir() else []
+        raise UserError(f"no recipe file {path} for {task}: pass recipe= a .toml file with [sft], [train] and "
+                        f"[eval] tables (shipped: {', '.join(shipped) or 'none found; run from a clone'})")
+    return path
+
+
+def load_recipe(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """``{"sft": dict, "train": dict, "ppo": PPOConfig, "policy": PolicyConfig, "eval": EvalConfig}``
+    from a recipe; every table is checked now (unknown keys, types, ranges), not when it is used."""
+    tables = read_recipe(source)
+    train = tables.get("train", {})
+    fixed = {"task": TASK, "model": "-", "out_dir": "-"}  # placeholders: the run sets these
+    cfg = load_config(TrainConfig, train, {k: v for k, v in fixed.items() if k not in train})
+    from vlmrl.sft import SFTConfig
+
+    sft = tables.get("sft", {})
+    load_config(SFTConfig, sft)  # the same strict keys and types as the other tables
+    plain = {k: v for k, v in train.items() if k not in ("ppo", "policy")}
+    return {"sft": sft, "train": plain, "ppo": cfg.ppo, "policy": cfg.policy,
+            "eval": load_config(EvalConfig, tables.get("eval", {}))}
+
+
+def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, episodes: int | None = None, cot: bool = True,
              progress: bool = True, sft: dict[str, Any] | None = None, train_kw: dict[str, Any] | None = None,
-             ppo: PPOConfig | None = None, task: str = TASK, model: str = "tiny") -> dict[str, Any]:
+             ppo: PPOConfig | None = None, task: str = TASK, model: str = "tiny",
+             recipe: str | Path | dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the five steps; print the table and return it as a dict (also written to demo.json).
 
-    ``sft``, ``train_kw`` and ``ppo`` change the recipe above (benchmarks/learning.py passes each card
-    task's own); ``task`` is any card task.
+    ``recipe`` defaults to the task's file under configs/recipes; ``sft``, ``train_kw`` and ``ppo``
+    change it (benchmarks pass their overrides); ``episodes`` defaults to the recipe's [eval].
     """
     from vlmrl.evaluate import ModelPolicy, evaluate
-    from vlmrl.policy.tiny import tiny_preset_path
+    from vlmrl.policy.presets import resolve_model
     from vlmrl.sft import SFTConfig, run_sft
     from vlmrl.tasks import get_task
+
     from vlmrl.trainer import train
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: pass --out with a new folder (nothing there is overwritten)")
     task = get_task(task)
-    sft = {**SFT, **(sft or {})}
-    train_kw = {**TRAIN, **(train_kw or {})}
+    rec = load_recipe(recipe if recipe is not None else recipe_file(task.name))
+    sft = {**rec["sft"], **(sft or {})}
+    train_kw = {**rec["train"], **(train_kw or {})}
+    ev = rec["eval"]
+    episodes = episodes or ev.episodes or 500
     times: dict[str, float] = {}
     t_start = time.perf_counter()
 
@@ -65,7 +86,7 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, episodes: int = 5
         print(f"[demo] {name} done in {times[name]:.0f} s", flush=True)
 
     t0 = time.perf_counter()
-    model = tiny_preset_path() if model == "tiny" else model
+    model = resolve_model(model, task.name)
     stage("build tiny VLM", t0)
 
     t0 = time.perf_counter()
@@ -75,9 +96,9 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, episodes: int = 5
     stage("SFT", t0)
 
     def held_out(path: Path, name: str):
-        policy = ModelPolicy.load(str(path), task, cot=cot, temperature=EVAL_TEMPERATURE, seed=seed,
+        policy = ModelPolicy.load(str(path), task, cot=cot, temperature=ev.temperature, seed=seed,
                                   max_new_tokens=train_kw["max_new_tokens"], name=name)
-        return evaluate(task, policy, episodes, seed=seed, num_envs=50, progress=progress)
+        return evaluate(task, policy, episodes, seed=seed, num_envs=ev.num_envs, progress=progress)
 
     t0 = time.perf_counter()
     before = held_out(sft_dir, "SFT")
@@ -85,7 +106,7 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, episodes: int = 5
 
     t0 = time.perf_counter()
     cfg = TrainConfig(task=task.name, model=str(sft_dir), out_dir=str(out / "ppo"), seed=seed, cot=cot,
-                      ppo=ppo or PPO, policy=PolicyConfig(finetune="full", train_vision=False), **train_kw)
+                      ppo=ppo or rec["ppo"], policy=rec["policy"], **train_kw)
     final = train(cfg, progress=progress)
     stage("PPO", t0)
 
