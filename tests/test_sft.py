@@ -21,6 +21,7 @@ from vlmrl.sft import (
     load_policy,
     lr_factor,
     run_sft,
+    saved_config,
 )
 from vlmrl.tasks import get_task
 
@@ -115,6 +116,9 @@ def test_run_sft_trains_checkpoints_and_saves_a_loadable_policy(tiny, tmp_path):
 
     summary = json.loads((out / "sft_summary.json").read_text())
     assert summary["steps"] == 6 and summary["config"]["random_action_fraction"] == 0.3
+    assert saved_config(out) == cfg  # sft_config.json: what --resume continues with
+    losses = json.loads((out / "sft_losses.json").read_text())
+    assert len(losses) == 6 and summary["final_loss"] == pytest.approx(sum(losses) / 6)
     assert 0.0 < summary["expert_fraction"] <= 1.0
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert "checkpoint-3" in ckpts and not any(n.startswith(".tmp") for n in ckpts)
@@ -150,8 +154,12 @@ def test_lora_sft_saves_merged_plain_weights(tiny, tmp_path):
 
 
 def test_bad_config_raises_user_errors(tmp_path):
-    with pytest.raises(UserError, match="not a model folder"):
+    with pytest.raises(UserError, match="not found"):
         run_sft(SFTConfig(model=str(tmp_path / "nope"), out_dir=str(tmp_path / "o")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a model folder"):
+        run_sft(SFTConfig(model=str(tmp_path / "empty"), out_dir=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()  # a run that cannot start leaves no folder to --resume
     with pytest.raises(UserError, match="batch_size"):
         run_sft(SFTConfig(batch_size=0, out_dir=str(tmp_path / "o")))
     with pytest.raises(UserError, match="finetune"):

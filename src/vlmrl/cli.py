@@ -68,7 +68,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from vlmrl.sft import SFTConfig, check_resume_settings, run_sft, saved_config
+    from vlmrl.checkpoint import latest_checkpoint
+    from vlmrl.sft import SFTConfig, check_resume_settings, finished, run_sft, saved_config
     from vlmrl.tasks import get_task
 
     # SFTConfig field -> (option dest, default of a new run). The options default to None so that
@@ -89,6 +90,9 @@ def cmd_sft(args: argparse.Namespace) -> int:
     if args.resume:  # the run's own settings; any given here must agree with them
         cfg = saved_config(args.out)
         check_resume_settings(cfg, given)
+        ckpt = latest_checkpoint(Path(args.out) / "checkpoints", clean=False)
+        where = "(it had finished: nothing to do)" if finished(args.out) else f"from {ckpt.name}" if ckpt else "from step 0 (no checkpoint yet)"
+        print(f"vlmrl sft: resuming {args.out} {where}", flush=True)
     else:
         if args.task is None:
             raise UserError("sft needs a TASK, e.g. `vlmrl sft NumberLine --out runs/sft` (or --resume to continue a run)")
@@ -117,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and source is None and args.out and (Path(args.out) / "config.json").is_file():
         source = str(Path(args.out) / "config.json")  # continue with the run's own settings
     cfg = load_config(TrainConfig, source, overrides)
-    cfg.task = get_task(cfg.task).name
+    cfg.task = get_task(cfg.task).ref  # a user's task keeps its import path, so --resume finds it
     if not cfg.model and not args.resume:
         raise UserError("train needs --model: a folder from `vlmrl sft` (or any HF VLM folder, or 'tiny')")
     try:
@@ -153,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="a Hugging Face VLM folder, or 'tiny' (built offline; the default)")
     p.add_argument("--episodes", type=_positive_int, default=None,
                    help="demonstration episodes, default 400 (ALFWorld: distinct games of the split)")
-    p.add_argument("--out", required=True, help="run folder: sft_config.json, checkpoints/, the final model")
+    p.add_argument("--out", required=True, help="run folder (a new one, unless --resume): sft_config.json, checkpoints/, the final model")
     p.add_argument("--random-fraction", type=float, default=None,
                    help="probability of a random action per demonstration step (an imperfect start; default 0)")
     p.add_argument("--expert-only", action="store_true", default=None,
@@ -192,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="play held-out seeded episodes and report success with a 95%% CI")
-    p.add_argument("task", help="NumberLine, EZPoints, Points24, Blackjack or ALFWorld")
+    p.add_argument("task", help="NumberLine, EZPoints, Points24, Blackjack, ALFWorld, a registered name, "
+                                "or your own Task as module:attr (e.g. my_tasks:TASK)")
     p.add_argument("--policy", default="expert", help="random, expert, or a policy folder (from sft/train)")
     p.add_argument("--episodes", type=_positive_int, default=None,
                    help="held-out episodes (default 100; ALFWorld: each game of the split once, or the first N)")

@@ -7,6 +7,13 @@ for the action ``a`` actually taken; text tasks (ALFWorld) give examples without
 is the cross-entropy of the response tokens only (and the end-of-turn token, so the model learns to
 stop). The result is saved with ``save_pretrained`` (model + processor), so
 ``vlmrl eval TASK --policy DIR`` and PPO load it like any checkpoint.
+
+A run folder holds ``sft_config.json`` (written when the run starts), ``checkpoints/checkpoint-N``
+(every ``checkpoint_every`` steps: weights, processor, and ``trainer_state.pt`` with the optimizer,
+schedule, shuffling generator, the rest of the epoch's order, the torch RNG and the losses so far),
+and at the end the model, ``sft_summary.json`` and ``sft_losses.json``. ``run_sft(cfg, resume=True)``
+(``vlmrl sft --resume``) continues a killed run from its newest checkpoint to the same final weights,
+bit for bit, as a run never interrupted.
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vlmrl.checkpoint import save_checkpoint
+from vlmrl.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from vlmrl.errors import UserError
 from vlmrl.evaluate import HELD_OUT_SEED_BASE
+from vlmrl.policy.presets import resolve_model
 from vlmrl.tasks import Task, get_task
 from vlmrl.tasks.base import observation_image
 
@@ -255,19 +263,6 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 # --- training --------------------------------------------------------------------------------------
 
 
-def resolve_model(model: str, task: str | None = None) -> Path:
-    """``"tiny"`` -> the cached tiny preset (ALFWorld's own for ``task="ALFWorld"``); otherwise a
-    local Hugging Face model folder."""
-    if model == "tiny":
-        from vlmrl.policy.tiny import tiny_preset_path
-
-        return tiny_preset_path(task=task)
-    path = Path(model)
-    if not (path / "config.json").is_file():
-        raise UserError(f"model {model!r} is not a model folder (no config.json): pass 'tiny' or a folder saved with save_pretrained")
-    return path
-
-
 def load_policy(
     path: str | os.PathLike, image_size: int | None = None, finetune: str = "full", train_vision: bool = True, dtype: str = "fp32"
 ) -> Any:
@@ -315,37 +310,115 @@ def _validate(cfg: SFTConfig) -> None:
             raise UserError(f"sft: {message}")
 
 
+CONFIG_FILE = "sft_config.json"  # the run's SFTConfig, written when it starts; --resume reads it
+STATE_FILE = "trainer_state.pt"  # in each checkpoint: what the weights alone cannot continue from
+LOSSES_FILE = "sft_losses.json"  # the loss of every step, beside the final model
+# fields that change nothing a run computes: a resume may give other values for them
+_NOT_SETTINGS = ("out_dir", "progress")
+
+
+def saved_config(out_dir: str | os.PathLike) -> SFTConfig:
+    """The ``SFTConfig`` of the run in ``out_dir`` (its ``sft_config.json``), with ``out_dir`` as given."""
+    path = Path(out_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"sft --resume: {out_dir} holds no SFT run to resume (no {CONFIG_FILE}): start it without --resume")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"sft --resume: {path} is not valid JSON ({e}): start a new --out") from None
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    unknown = sorted(set(data) - known) if isinstance(data, dict) else ["<not an object>"]
+    if unknown:
+        raise UserError(f"sft --resume: {path} has settings this vlmrl does not know ({', '.join(unknown)}): start a new --out")
+    return dataclasses.replace(SFTConfig(**data), out_dir=str(out_dir))
+
+
+def check_resume_settings(saved: SFTConfig, given: dict[str, Any]) -> None:
+    """One ``UserError`` naming every setting in ``given`` that differs from the saved run's: a resume
+    continues that run, so a different value could only be ignored or break the bit-exact continuation."""
+    def plain(x: Any) -> Any:  # a JSON round trip, as the saved side had (tuples -> lists, ...)
+        return json.loads(json.dumps(x, default=str))
+
+    have = plain(dataclasses.asdict(saved))
+    diff = [f"{k}={plain(v)!r} (the run has {have.get(k)!r})" for k, v in sorted(given.items())
+            if k not in _NOT_SETTINGS and plain(v) != have.get(k)]
+    if diff:
+        raise UserError(f"sft --resume: settings differ from the run in {saved.out_dir}: {'; '.join(diff)}. "
+                        "Drop them to continue that run, or start a new --out")
+
+
+def _existing_run(out: Path) -> str | None:
+    """What in ``out`` shows that it already holds an SFT run (None: nothing)."""
+    for name in (CONFIG_FILE, "sft_summary.json"):
+        if (out / name).is_file():
+            return name
+    return "checkpoints/" if list_checkpoints(out / "checkpoints") else None
+
+
+def finished(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds a completed run (``save_final`` moves ``config.json`` in last)."""
+    return (Path(out_dir) / "sft_summary.json").is_file() and (Path(out_dir) / "config.json").is_file()
+
+
+def demos_digest(demos: Sequence[Demo]) -> str:
+    """sha256 of the demonstrations (images, prompts, responses, expert flags), recorded in each
+    checkpoint: a resume must train on exactly the examples the run started with."""
+    h = hashlib.sha256()
+    for d in demos:
+        h.update(json.dumps([d.prompt, d.response, bool(d.expert), None if d.image is None else list(d.image.shape)]).encode())
+        if d.image is not None:
+            h.update(np.ascontiguousarray(d.image).tobytes())
+    return h.hexdigest()
+
+
 def run_sft(cfg: SFTConfig, callback: Callable[[int, Any], None] | None = None,
-            demos: Sequence[Demo] | None = None) -> Path:
+            demos: Sequence[Demo] | None = None, resume: bool = False) -> Path:
     """Collect demonstrations, fine-tune on the response tokens, save model + processor to ``out_dir``.
 
     ``callback(step, policy)``, if given, runs after every optimiser step with the ``VLMPolicy``
     being trained (for learning curves: ``policy.generate`` restores train mode itself).
     ``demos``, if given, are trained on instead of collecting ``cfg.episodes`` episodes (e.g. several
     cached ALFWorld sets joined).
+
+    ``out_dir`` must not hold a run already, unless ``resume``: then ``cfg`` must equal the run's
+    saved config (``out_dir`` and ``progress`` aside), and training continues from the newest
+    checkpoint (from step 0 if there is none yet) to the weights an uninterrupted run would give.
     """
     _validate(cfg)
     task = get_task(cfg.task)
+    out = Path(cfg.out_dir)
+    if resume:
+        check_resume_settings(saved_config(out), dataclasses.asdict(cfg))
+        if finished(out):
+            return out  # nothing left to do
+    elif (found := _existing_run(out)) is not None:
+        raise UserError(f"sft: {out} already holds an SFT run ({found}): continue it with --resume, or pass a new --out")
     threads = torch.get_num_threads()
     # A library call leaves the process as it found it: thread count and global RNG restored.
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # for any dropout; shuffling has its own generator
-            return _train(cfg, task, callback, demos)
+            return _train(cfg, task, callback, demos, resume)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(cfg: SFTConfig, task: Task, callback: Callable[[int, Any], None] | None,
-           demos: Sequence[Demo] | None = None) -> Path:
+           demos: Sequence[Demo] | None = None, resume: bool = False) -> Path:
     out = Path(cfg.out_dir)
     started = time.perf_counter()
 
     from vlmrl.policy.model import set_cpu_threads
 
-    policy = load_policy(resolve_model(cfg.model, task.name), cfg.image_size, cfg.finetune, cfg.train_vision, cfg.dtype)
+    # clean=True: a save the kill interrupted is debris, never loaded
+    checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
+    # a checkpoint is a model folder (full weights, or a LoRA adapter naming its base): load it like one
+    source = checkpoint if checkpoint is not None else resolve_model(cfg.model, task.name)
+    policy = load_policy(source, cfg.image_size, cfg.finetune, cfg.train_vision, cfg.dtype)
     model, processor = policy.model, policy.processor  # model: the peft wrapper under LoRA
     set_cpu_threads(policy, cfg.threads)  # run_sft restores the process's thread count
+    if not resume:  # only now: settings that fail to load (model, image_size) leave no folder behind
+        _write_atomic(out / CONFIG_FILE, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     if demos is None and task.text_only:
         demos = cached_demonstrations(task, cfg.episodes, cfg.random_action_fraction, cfg.cot, cfg.seed, cfg.env_kwargs)
     elif demos is None:
@@ -354,6 +427,7 @@ def _train(cfg: SFTConfig, task: Task, callback: Callable[[int, Any], None] | No
     demos = [d for d in demos if d.expert or not cfg.expert_only]
     if not demos:
         raise UserError(f"sft: no demonstrations collected for {task.name}: raise episodes")
+    digest = demos_digest(demos) if cfg.checkpoint_every or checkpoint is not None else ""
     examples = encode_all(policy, demos)
     pad_id = policy.pad_token_id
     total = cfg.steps or max(1, math.ceil(cfg.epochs * len(examples) / cfg.batch_size))
@@ -363,9 +437,12 @@ def _train(cfg: SFTConfig, task: Task, callback: Callable[[int, Any], None] | No
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
-    model.train()
-    bar = tqdm(range(total), desc=f"sft {task.name}", disable=not cfg.progress)
     history: list[float] = []
+    start = 0
+    if checkpoint is not None:
+        start, order, history = _restore(checkpoint, digest, opt, sched, gen, policy.device)
+    model.train()
+    bar = tqdm(range(start, total), initial=start, total=total, desc=f"sft {task.name}", disable=not cfg.progress)
     for step in bar:
         if len(order) < cfg.batch_size:  # reshuffle per epoch
             order += torch.randperm(len(examples), generator=gen).tolist()
@@ -382,7 +459,11 @@ def _train(cfg: SFTConfig, task: Task, callback: Callable[[int, Any], None] | No
         if callback is not None:
             callback(step + 1, policy)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            save_checkpoint(out / "checkpoints", step + 1, _writer(model, processor, opt, sched, gen))
+            # taken after the callback, which may draw from the RNG too: the resumed run skips it
+            state = {"step": step + 1, "order": list(order), "losses": list(history), "demos_sha256": digest,
+                     "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state(policy.device) if policy.device.type == "cuda" else None}
+            save_checkpoint(out / "checkpoints", step + 1, _writer(model, processor, opt, sched, gen, state))
     bar.close()
 
     model.eval()
@@ -392,24 +473,50 @@ def _train(cfg: SFTConfig, task: Task, callback: Callable[[int, Any], None] | No
         "expert_fraction": float(np.mean([d.expert for d in demos])),
         "steps": total,
         "final_loss": float(np.mean(history[-10:])),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(time.perf_counter() - started, 1),  # of this process only, after a resume
     }
     if cfg.finetune == "lora":  # a plain HF folder: the adapters folded into the weights
         model = model.merge_and_unload()
-    save_final(model, processor, out, summary)
+    save_final(model, processor, out, summary, history)
     return out
 
 
-def _writer(model, processor, opt, sched, gen):
+def _restore(checkpoint: Path, digest: str, opt: Any, sched: Any, gen: torch.Generator,
+             device: torch.device) -> tuple[int, list[int], list[float]]:
+    """Put the trainer state of ``checkpoint`` back; return (step, the epoch's pending order, losses)."""
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    if "order" not in state:
+        raise UserError(f"sft --resume: {checkpoint} has no resume state (an older vlmrl wrote it): start a new --out")
+    if state["demos_sha256"] != digest:
+        raise UserError(f"sft --resume: the demonstrations differ from those {checkpoint} was trained on "
+                        "(a changed task, expert or demos= argument): start a new --out")
+    opt.load_state_dict(state["optimizer"])  # moves the moments onto the parameters' device
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])  # inside run_sft's fork_rng: the caller's RNG is untouched
+    if state["cuda_rng"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return int(state["step"]), list(state["order"]), list(state["losses"])
+
+
+def _writer(model, processor, opt, sched, gen, extra: dict[str, Any]):
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state()}, folder / "trainer_state.pt")
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(), **extra},
+                   folder / STATE_FILE)
 
     return write
 
 
-def save_final(model: Any, processor: Any, out: Path, summary: dict[str, Any]) -> None:
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # a kill leaves the old file or the new one, never half of one
+
+
+def save_final(model: Any, processor: Any, out: Path, summary: dict[str, Any], losses: Sequence[float] = ()) -> None:
     """save_pretrained into a temporary folder, then move the files in, ``config.json`` last.
 
     Each move is an atomic rename, and a loader needs ``config.json``, so a crash never leaves a
@@ -423,6 +530,7 @@ def save_final(model: Any, processor: Any, out: Path, summary: dict[str, Any]) -
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / LOSSES_FILE).write_text(json.dumps(list(losses)) + "\n")
         names = sorted(p.name for p in tmp.iterdir())
         names.sort(key=lambda n: n == "config.json")
         if (out / "config.json").exists():
@@ -433,4 +541,4 @@ def save_final(model: Any, processor: Any, out: Path, summary: dict[str, Any]) -
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["Demo", "SFTConfig", "cached_demonstrations", "collate", "collect_demonstrations", "encode_all", "encode_example", "load_policy", "lr_factor", "run_sft"]
+__all__ = ["Demo", "SFTConfig", "cached_demonstrations", "collate", "collect_demonstrations", "encode_all", "encode_example", "check_resume_settings", "demos_digest", "finished", "load_policy", "lr_factor", "run_sft", "saved_config"]
