@@ -41,7 +41,6 @@ class Finished:
 
     returns: list[float] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
-    groups: list[str | None] = field(default_factory=list)
     # won: the env's own "won" where it reports one (ALFWorld), else return > 0 (the paper's rule)
     wins: list[bool] = field(default_factory=list)
 
@@ -130,7 +129,6 @@ class Collector:
                 if term or trunc:
                     self.finished.returns.append(float(self.ep_return[i]))
                     self.finished.lengths.append(int(self.ep_length[i]))
-                    self.finished.groups.append(info.get("task_type"))
                     self.finished.wins.append(episode_success(info, self.ep_return[i]))
                     self.ep_return[i], self.ep_length[i] = 0.0, 0
                     if trunc and not term:

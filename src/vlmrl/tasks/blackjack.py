@@ -116,12 +116,6 @@ def optimal_action(player_sum: int, usable_ace: bool, dealer_value: int) -> int:
     return _optimal(raw, bool(usable_ace), dealer_value)[1]
 
 
-def optimal_value(player_sum: int, usable_ace: bool, dealer_value: int) -> float:
-    """Expected return of the optimal policy from this state."""
-    raw = player_sum - 10 if usable_ace else player_sum
-    return _optimal(raw, bool(usable_ace), dealer_value)[0]
-
-
 Policy = Callable[[int, bool, int], int]  # (player_sum, usable_ace, dealer_value) -> action
 
 

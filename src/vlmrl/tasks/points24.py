@@ -50,16 +50,6 @@ class Layout:
     font_size: int
 
 
-def render_table(
-    ranks: Sequence[int], suits: Sequence[int], tokens: Sequence[str], layout: Layout
-) -> np.ndarray:
-    """The (300, 300, 3) uint8 image: the cards in a row, then "Formula:" and the formula, wrapped."""
-    img = blank_canvas(SIZE)
-    draw_cards(img, ranks, suits, layout)
-    draw_formula(img, tokens, layout)
-    return np.array(img, dtype=np.uint8)
-
-
 def draw_cards(img: Image.Image, ranks: Sequence[int], suits: Sequence[int], layout: Layout) -> None:
     draw = ImageDraw.Draw(img)
     n = len(ranks)
