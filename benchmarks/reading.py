@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 import vlmrl.policy  # noqa: F401
-from vlmrl.evaluate import evaluate, held_out_seed
+from vlmrl.evaluate import evaluate
+from vlmrl.seeds import held_out_seed
 from vlmrl.policy.tiny import TINY_PRESET, build_tiny_vlm
 from vlmrl.config import PolicyConfig
 from vlmrl.policy.model import VLMPolicy

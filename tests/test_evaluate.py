@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from vlmrl.evaluate import ExpertPolicy, RandomPolicy, evaluate, held_out_seed
+from vlmrl.evaluate import ExpertPolicy, RandomPolicy, evaluate
+from vlmrl.seeds import held_out_seed
 from vlmrl.rollout.collect import training_seed
 from vlmrl.tasks import get_task
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlmrl.errors import UserError
+from vlmrl.seeds import DEMO_STRIDE, HELD_OUT_SEED_BASE
 
 
 POLICY_DTYPES = ("fp32", "bf16")
@@ -203,6 +204,61 @@ _POLICY_DEFAULTS = PolicyConfig()
 
 
 @dataclass
+class SFTConfig:
+    """Settings of one SFT run. The defaults suit the ``tiny`` preset (a model trained from scratch);
+    for a pretrained 2B-7B VLM use ``finetune="lora"``, ``lr`` about 1e-5 to 1e-4, ``train_vision=False``."""
+
+    # task name, e.g. "NumberLine"
+    task: str = "NumberLine"
+    # keyword arguments of the task's env, e.g. {"split": "train"} for ALFWorld
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    # a Hugging Face model folder, or "tiny" for the offline tiny preset (built and cached on first use)
+    model: str = "tiny"
+    # where the final model + processor (and checkpoints/) go
+    out_dir: str = "runs/sft"
+    # demonstration episodes played (seeds seed * 1_000_000 + i, below the held-out evaluation range);
+    # ALFWorld: ``episodes`` distinct games of the split (in a seeded order), each played once
+    episodes: int = 400
+    # per step, probability of a uniformly random action instead of the expert's (imperfect policies)
+    random_action_fraction: float = 0.0
+    # chain-of-thought responses (state fields + thoughts before "action"), else the action only
+    cot: bool = True
+    # learn only the expert's answers: random actions then only take the episode off the expert's
+    # path (ALFWorld: detours it recovers from), instead of teaching a deliberately imperfect policy
+    expert_only: bool = False
+    # "full" (every weight) or "lora" (adapters on the language model, merged into the saved weights)
+    finetune: str = "full"
+    # train the vision tower as well (needed for a model built from scratch, like the tiny preset)
+    train_vision: bool = True
+    # weights' dtype: "fp32" or "bf16"
+    dtype: str = "fp32"
+    # optimisation: AdamW, linear warmup then cosine decay to lr * min_lr_ratio
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    # number of optimiser steps; if 0, ``epochs`` passes over the demonstrations instead
+    steps: int = 200
+    epochs: float = 3.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    # save a checkpoint (model, processor, optimizer) every this many steps (0: only the final save)
+    checkpoint_every: int = 0
+    # processor resize override: images go in as image_size x image_size (None: the model's own)
+    image_size: int | None = None
+    # torch CPU threads; 0: 1 for a model under policy.model.SMALL_MODEL_PARAMS on the CPU (tiny preset),
+    # torch's default otherwise. Tiny models are bound by per-op overhead: 2 threads are hardly faster
+    # on an idle machine and thrash on a busy one (measured at load 8 on 2 cores: 25 steps took
+    # 200 s with 2 threads, while 1 thread ran 200 steps in 130 s)
+    threads: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_now(self)
+
+
+@dataclass
 class EvalConfig:
     """Held-out evaluation: ``vlmrl eval``, and the [eval] table of a recipe."""
 
@@ -253,6 +309,24 @@ _CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
         ("target_kl", lambda v: v > 0, "> 0 (or null for no early stop)"),
         ("invalid_action_penalty", lambda v: v >= 0, ">= 0 (it is subtracted from the reward)"),
     ],
+    SFTConfig: [
+        ("task", lambda v: bool(v.strip()), "a task name"),
+        ("episodes", lambda v: v >= 1, ">= 1"),
+        ("random_action_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("finetune", lambda v: v in ("full", "lora"), "'full' or 'lora'"),
+        ("dtype", lambda v: v in POLICY_DTYPES, f"one of {', '.join(POLICY_DTYPES)}"),
+        ("lr", lambda v: v > 0, "> 0"),
+        ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("warmup_steps", lambda v: v >= 0, ">= 0"),
+        ("weight_decay", lambda v: v >= 0, ">= 0"),
+        ("batch_size", lambda v: v >= 1, ">= 1"),
+        ("steps", lambda v: v >= 0, ">= 0 (0: epochs instead)"),
+        ("epochs", lambda v: v >= 0, ">= 0"),
+        ("max_grad_norm", lambda v: v > 0, "> 0"),
+        ("checkpoint_every", lambda v: v >= 0, ">= 0"),
+        ("image_size", lambda v: v >= 1, ">= 1"),
+        ("threads", lambda v: v >= 0, ">= 0 (0: automatic)"),
+    ],
     EvalConfig: [
         ("episodes", lambda v: v >= 1, ">= 1"),
         ("seed", lambda v: v >= 0, ">= 0"),
@@ -284,6 +358,13 @@ def _cross_checks(cfg: Any, prefix: str) -> list[str]:
     problems = []
     if isinstance(cfg, PPOConfig) and cfg.end_lr > cfg.lr:
         problems.append(f"{prefix}end_lr ({cfg.end_lr}) must be <= {prefix}lr ({cfg.lr})")
+    if isinstance(cfg, SFTConfig):
+        if cfg.steps == 0 and cfg.epochs == 0:
+            problems.append(f"{prefix}steps or {prefix}epochs must be > 0")
+        # demonstration seeds must stay below the range that evaluation reserves for held-out episodes
+        if not 0 <= cfg.seed < HELD_OUT_SEED_BASE // DEMO_STRIDE or cfg.episodes >= DEMO_STRIDE:
+            problems.append(f"{prefix}seed must be in [0, {HELD_OUT_SEED_BASE // DEMO_STRIDE - 1}] and "
+                            f"{prefix}episodes < {DEMO_STRIDE:,}, or demonstrations would reach the held-out seeds")
     if isinstance(cfg, TrainConfig):
         batch = cfg.num_envs * cfg.num_steps
         if cfg.ppo.minibatch_size > batch:
@@ -569,5 +650,5 @@ def _looks_numeric(text: str) -> bool:
 
 
 __all__ = [
-    "EvalConfig", "RECIPE_SECTIONS", "is_recipe", "read_recipe", "PPOConfig", "TrainConfig", "load_config", "parse_overrides", "save_config", "to_dict", "validate",
+    "EvalConfig", "RECIPE_SECTIONS", "SFTConfig", "is_recipe", "read_recipe", "PPOConfig", "TrainConfig", "load_config", "parse_overrides", "save_config", "to_dict", "validate",
 ]

@@ -20,18 +20,11 @@ from tqdm.auto import tqdm
 
 from vlmrl.errors import UserError
 from vlmrl.metrics import wilson_interval
+from vlmrl.seeds import held_out_seed
 from vlmrl.tasks import Task
 from vlmrl.tasks.base import episode_success, observation_image
 from vlmrl.tasks.parsing import parse_action
 
-# Training and SFT seed their environments below this; evaluation episode i of seed s uses
-# HELD_OUT_SEED_BASE + s * HELD_OUT_STRIDE + i.
-HELD_OUT_SEED_BASE = 1_000_000_000
-HELD_OUT_STRIDE = 1_000_000
-
-
-def held_out_seed(seed: int, episode: int) -> int:
-    return HELD_OUT_SEED_BASE + seed * HELD_OUT_STRIDE + episode
 
 
 class TextPolicy(Protocol):
@@ -64,6 +57,9 @@ class ExpertPolicy:
     name = "expert"
 
     def __init__(self, task: Task, cot: bool = True):
+        from vlmrl.tasks.base import require_expert
+
+        require_expert(task, "--policy expert")  # before any env is made: one line, at once
         self.task, self.cot = task, cot
 
     def act(self, observations, infos):

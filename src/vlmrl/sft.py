@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,163 +34,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vlmrl.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from vlmrl.config import SFTConfig, validate
 from vlmrl.errors import UserError
-from vlmrl.evaluate import HELD_OUT_SEED_BASE
+from vlmrl.policy.hf import quiet_library_bars
 from vlmrl.policy.presets import resolve_model
 from vlmrl.tasks import Task, get_task
-from vlmrl.tasks.base import observation_image
+from vlmrl.tasks.demos import Demo, cached_demonstrations, collect_demonstrations
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, image, padding)
-
-
-@dataclass
-class SFTConfig:
-    """Settings of one SFT run. The defaults suit the ``tiny`` preset (a model trained from scratch);
-    for a pretrained 2B-7B VLM use ``finetune="lora"``, ``lr`` about 1e-5 to 1e-4, ``train_vision=False``."""
-
-    # task name, e.g. "NumberLine"
-    task: str = "NumberLine"
-    # keyword arguments of the task's env, e.g. {"split": "train"} for ALFWorld
-    env_kwargs: dict[str, Any] = field(default_factory=dict)
-    # a Hugging Face model folder, or "tiny" for the offline tiny preset (built and cached on first use)
-    model: str = "tiny"
-    # where the final model + processor (and checkpoints/) go
-    out_dir: str = "runs/sft"
-    # demonstration episodes played (seeds seed * 1_000_000 + i, below the held-out evaluation range);
-    # ALFWorld: ``episodes`` distinct games of the split (in a seeded order), each played once
-    episodes: int = 400
-    # per step, probability of a uniformly random action instead of the expert's (imperfect policies)
-    random_action_fraction: float = 0.0
-    # chain-of-thought responses (state fields + thoughts before "action"), else the action only
-    cot: bool = True
-    # learn only the expert's answers: random actions then only take the episode off the expert's
-    # path (ALFWorld: detours it recovers from), instead of teaching a deliberately imperfect policy
-    expert_only: bool = False
-    # "full" (every weight) or "lora" (adapters on the language model, merged into the saved weights)
-    finetune: str = "full"
-    # train the vision tower as well (needed for a model built from scratch, like the tiny preset)
-    train_vision: bool = True
-    # weights' dtype: "fp32" or "bf16"
-    dtype: str = "fp32"
-    # optimisation: AdamW, linear warmup then cosine decay to lr * min_lr_ratio
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    # number of optimiser steps; if 0, ``epochs`` passes over the demonstrations instead
-    steps: int = 200
-    epochs: float = 3.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    # save a checkpoint (model, processor, optimizer) every this many steps (0: only the final save)
-    checkpoint_every: int = 0
-    # processor resize override: images go in as image_size x image_size (None: the model's own)
-    image_size: int | None = None
-    # torch CPU threads; 0: 1 for a model under policy.model.SMALL_MODEL_PARAMS on the CPU (tiny preset),
-    # torch's default otherwise. Tiny models are bound by per-op overhead: 2 threads are hardly faster
-    # on an idle machine and thrash on a busy one (measured at load 8 on 2 cores: 25 steps took
-    # 200 s with 2 threads, while 1 thread ran 200 steps in 130 s)
-    threads: int = 0
-    progress: bool = True
-
-
-@dataclass
-class Demo:
-    image: np.ndarray | None  # (H, W, 3) uint8 observation; None for a text-only task
-    prompt: str
-    response: str
-    expert: bool  # whether the action taken was the expert's
-
-
-# --- demonstrations --------------------------------------------------------------------------------
-
-
-def collect_demonstrations(
-    task: Task,
-    episodes: int,
-    random_action_fraction: float = 0.0,
-    cot: bool = True,
-    seed: int = 0,
-    max_steps: int = 100,
-    env_kwargs: dict[str, Any] | None = None,
-) -> list[Demo]:
-    """Play ``episodes`` seeded episodes; at each step take a random action with the given probability
-    (uniform over ``task.random_actions(info)``: every legal action unless the task narrows it).
-
-    Episode i resets with seed ``seed * 1_000_000 + i``; action choices draw from
-    ``np.random.default_rng(seed)``, so the same arguments give the same demonstrations.
-    An env with a fixed list of games (ALFWorld's ``games``, sorted by task type) plays ``episodes``
-    distinct games instead, in an order shuffled by ``seed`` so that every task type is covered (a
-    seeded draw would repeat games, and loading a new one costs about a second). An episode ends
-    early where the expert has no answer (ALFWorld's walkthrough after a random action changed the
-    world).
-    """
-    if not 0.0 <= random_action_fraction <= 1.0:
-        raise UserError(f"random_action_fraction must be in [0, 1], got {random_action_fraction}")
-    rng = np.random.default_rng(seed)
-    env = task.make_env(**(env_kwargs or {}))
-    games = getattr(env.unwrapped, "games", None)
-    if games is not None and episodes > len(games):
-        raise UserError(f"{task.name}: asked for {episodes} demonstration games, the split has {len(games)}: lower episodes")
-    order = np.random.default_rng([seed, 1]).permutation(len(games)).tolist() if games is not None else []
-    demos: list[Demo] = []
-    try:
-        for i in range(episodes):
-            options = {"game": order[i]} if games is not None else None
-            obs, info = env.reset(seed=seed * 1_000_000 + i, options=options)
-            for _ in range(max_steps):
-                try:
-                    expert = task.expert_action(info)
-                except ValueError:  # the expert lost track (ALFWorld off its walkthrough): stop here
-                    break
-                action = expert
-                if rng.random() < random_action_fraction:
-                    choices = task.random_actions(info)
-                    action = int(choices[int(rng.integers(len(choices)))])
-                demos.append(Demo(observation_image(obs), task.prompt(info, cot), task.response(info, action, cot), action == expert))
-                obs, _, terminated, truncated, info = env.step(action)
-                if terminated or truncated:
-                    break
-    finally:
-        env.close()
-    return demos
-
-
-DEMO_CACHE_VERSION = "1"
-
-
-def cached_demonstrations(
-    task: Task,
-    episodes: int,
-    random_action_fraction: float = 0.0,
-    cot: bool = True,
-    seed: int = 0,
-    env_kwargs: dict[str, Any] | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> list[Demo]:
-    """``collect_demonstrations`` for a text-only task, kept as JSON lines under ``cache_dir``.
-
-    ALFWorld's demonstrations cost about 2 s a game (loading it, then its walkthrough), so runs that
-    share them (SFT, the tokenizer of the tiny model, benchmarks) read them back. The file name is a
-    digest of the arguments and of the task class's source, so a changed prompt collects afresh.
-    """
-    if not task.text_only:
-        raise UserError(f"{task.name} has image observations: call collect_demonstrations (images are not cached)")
-    spec = [DEMO_CACHE_VERSION, task.name, episodes, random_action_fraction, cot, seed, env_kwargs or {},
-            inspect.getsource(type(task))]
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    root = Path(cache_dir or os.environ.get("VLMRL_CACHE") or Path.home() / ".cache" / "vlmrl") / "demos"
-    path = root / f"{task.name}-{episodes}-{digest}.jsonl"
-    if path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [Demo(None, r["prompt"], r["response"], r["expert"]) for r in rows]
-    demos = collect_demonstrations(task, episodes, random_action_fraction, cot, seed, env_kwargs=env_kwargs)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps({"prompt": d.prompt, "response": d.response, "expert": d.expert}) + "\n" for d in demos))
-    tmp.replace(path)  # atomic: a reader sees all of it or none
-    return demos
 
 
 # --- encoding ---------------------------------------------------------------------------------------
@@ -291,25 +140,6 @@ def set_image_size(processor: Any, image_size: int) -> None:
         raise UserError("image_size can only be changed for Qwen-style processors; build the model at that size instead")
 
 
-def _validate(cfg: SFTConfig) -> None:
-    checks = [
-        (cfg.episodes >= 1, f"episodes must be >= 1, got {cfg.episodes}"),
-        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
-        (cfg.lr > 0, f"lr must be > 0, got {cfg.lr}"),
-        (cfg.steps >= 0 and (cfg.steps > 0 or cfg.epochs > 0), "set steps > 0 or epochs > 0"),
-        (cfg.warmup_steps >= 0 and cfg.checkpoint_every >= 0, "warmup_steps and checkpoint_every must be >= 0"),
-        (cfg.finetune in ("full", "lora"), f"finetune must be 'full' or 'lora', got {cfg.finetune!r}"),
-        # demonstration seeds must stay below the range that evaluation reserves for held-out episodes
-        (0 <= cfg.seed and cfg.seed * 1_000_000 + cfg.episodes <= HELD_OUT_SEED_BASE,
-         f"seed must be in [0, {HELD_OUT_SEED_BASE // 1_000_000 - 1}] and episodes < 1,000,000"),
-        (cfg.threads >= 0, f"threads must be >= 0 (0: automatic), got {cfg.threads}"),
-        (0.0 <= cfg.random_action_fraction <= 1.0, f"random_action_fraction must be in [0, 1], got {cfg.random_action_fraction}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(f"sft: {message}")
-
-
 CONFIG_FILE = "sft_config.json"  # the run's SFTConfig, written when it starts; --resume reads it
 STATE_FILE = "trainer_state.pt"  # in each checkpoint: what the weights alone cannot continue from
 LOSSES_FILE = "sft_losses.json"  # the loss of every step, beside the final model
@@ -384,7 +214,7 @@ def run_sft(cfg: SFTConfig, callback: Callable[[int, Any], None] | None = None,
     saved config (``out_dir`` and ``progress`` aside), and training continues from the newest
     checkpoint (from step 0 if there is none yet) to the weights an uninterrupted run would give.
     """
-    _validate(cfg)
+    validate(cfg)
     task = get_task(cfg.task)
     out = Path(cfg.out_dir)
     if resume:
@@ -501,8 +331,9 @@ def _restore(checkpoint: Path, digest: str, opt: Any, sched: Any, gen: torch.Gen
 
 def _writer(model, processor, opt, sched, gen, extra: dict[str, Any]):
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
+        with quiet_library_bars():
+            model.save_pretrained(folder)
+            processor.save_pretrained(folder)
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(), **extra},
                    folder / STATE_FILE)
 
@@ -527,8 +358,9 @@ def save_final(model: Any, processor: Any, out: Path, summary: dict[str, Any], l
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        with quiet_library_bars():
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
         (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / LOSSES_FILE).write_text(json.dumps(list(losses)) + "\n")
         names = sorted(p.name for p in tmp.iterdir())

@@ -24,3 +24,14 @@ def test_a_disabled_setting_stays_disabled(tmp_path):
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_an_sft_run_with_checkpoints_prints_no_library_bars(tmp_path, capfd):
+    from vlmrl.config import SFTConfig
+    from vlmrl.sft import run_sft
+
+    folder = build_tiny_vlm(tmp_path / "m", seed=0)
+    run_sft(SFTConfig(model=str(folder), out_dir=str(tmp_path / "sft"), episodes=2, steps=2, batch_size=2,
+                      checkpoint_every=1, progress=False))
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err, err[-500:]

@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-import gymnasium as gym
 import pytest
 from gymnasium.envs.registration import register, registry
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmrl.evaluate import HELD_OUT_SEED_BASE
+from vlmrl.seeds import HELD_OUT_SEED_BASE
 from vlmrl.rollout.buffer import RolloutBuffer
 from vlmrl.tasks import Task
 from vlmrl.tasks.base import episode_success, observation_image

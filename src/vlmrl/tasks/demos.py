@@ -1,0 +1,124 @@
+"""Demonstrations: seeded episodes played by a task's expert, optionally mixed with random actions.
+
+They feed SFT (``vlmrl.sft``) and the tokenizer of the tiny model (``vlmrl.policy.tiny``); they need
+only the task and its env, so they live in the tasks layer. Each step is one (image, prompt,
+response) example whose response is ``task.response(info, a, cot)`` for the action ``a`` actually
+taken; text tasks (ALFWorld) give examples without an image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmrl.errors import UserError
+from vlmrl.seeds import demo_seed
+from vlmrl.tasks.base import Task, observation_image
+
+
+@dataclass
+class Demo:
+    image: np.ndarray | None  # (H, W, 3) uint8 observation; None for a text-only task
+    prompt: str
+    response: str
+    expert: bool  # whether the action taken was the expert's
+
+
+# --- demonstrations --------------------------------------------------------------------------------
+
+
+def collect_demonstrations(
+    task: Task,
+    episodes: int,
+    random_action_fraction: float = 0.0,
+    cot: bool = True,
+    seed: int = 0,
+    max_steps: int = 100,
+    env_kwargs: dict[str, Any] | None = None,
+) -> list[Demo]:
+    """Play ``episodes`` seeded episodes; at each step take a random action with the given probability
+    (uniform over ``task.random_actions(info)``: every legal action unless the task narrows it).
+
+    Episode i resets with seed ``demo_seed(seed, i)`` (= ``seed * 1_000_000 + i``); action choices draw from
+    ``np.random.default_rng(seed)``, so the same arguments give the same demonstrations.
+    An env with a fixed list of games (ALFWorld's ``games``, sorted by task type) plays ``episodes``
+    distinct games instead, in an order shuffled by ``seed`` so that every task type is covered (a
+    seeded draw would repeat games, and loading a new one costs about a second). An episode ends
+    early where the expert has no answer (ALFWorld's walkthrough after a random action changed the
+    world).
+    """
+    if not 0.0 <= random_action_fraction <= 1.0:
+        raise UserError(f"random_action_fraction must be in [0, 1], got {random_action_fraction}")
+    rng = np.random.default_rng(seed)
+    env = task.make_env(**(env_kwargs or {}))
+    games = getattr(env.unwrapped, "games", None)
+    if games is not None and episodes > len(games):
+        raise UserError(f"{task.name}: asked for {episodes} demonstration games, the split has {len(games)}: lower episodes")
+    order = np.random.default_rng([seed, 1]).permutation(len(games)).tolist() if games is not None else []
+    demos: list[Demo] = []
+    try:
+        for i in range(episodes):
+            options = {"game": order[i]} if games is not None else None
+            obs, info = env.reset(seed=demo_seed(seed, i), options=options)
+            for _ in range(max_steps):
+                try:
+                    expert = task.expert_action(info)
+                except ValueError:  # the expert lost track (ALFWorld off its walkthrough): stop here
+                    break
+                action = expert
+                if rng.random() < random_action_fraction:
+                    choices = task.random_actions(info)
+                    action = int(choices[int(rng.integers(len(choices)))])
+                demos.append(Demo(observation_image(obs), task.prompt(info, cot), task.response(info, action, cot), action == expert))
+                obs, _, terminated, truncated, info = env.step(action)
+                if terminated or truncated:
+                    break
+    finally:
+        env.close()
+    return demos
+
+
+DEMO_CACHE_VERSION = "1"
+
+
+def cached_demonstrations(
+    task: Task,
+    episodes: int,
+    random_action_fraction: float = 0.0,
+    cot: bool = True,
+    seed: int = 0,
+    env_kwargs: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[Demo]:
+    """``collect_demonstrations`` for a text-only task, kept as JSON lines under ``cache_dir``.
+
+    ALFWorld's demonstrations cost about 2 s a game (loading it, then its walkthrough), so runs that
+    share them (SFT, the tokenizer of the tiny model, benchmarks) read them back. The file name is a
+    digest of the arguments and of the task class's source, so a changed prompt collects afresh.
+    """
+    if not task.text_only:
+        raise UserError(f"{task.name} has image observations: call collect_demonstrations (images are not cached)")
+    spec = [DEMO_CACHE_VERSION, task.name, episodes, random_action_fraction, cot, seed, env_kwargs or {},
+            inspect.getsource(type(task))]
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    root = Path(cache_dir or os.environ.get("VLMRL_CACHE") or Path.home() / ".cache" / "vlmrl") / "demos"
+    path = root / f"{task.name}-{episodes}-{digest}.jsonl"
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [Demo(None, r["prompt"], r["response"], r["expert"]) for r in rows]
+    demos = collect_demonstrations(task, episodes, random_action_fraction, cot, seed, env_kwargs=env_kwargs)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps({"prompt": d.prompt, "response": d.response, "expert": d.expert}) + "\n" for d in demos))
+    tmp.replace(path)  # atomic: a reader sees all of it or none
+    return demos
+
+
+__all__ = ["DEMO_CACHE_VERSION", "Demo", "cached_demonstrations", "collect_demonstrations"]
