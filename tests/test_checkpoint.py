@@ -1,7 +1,9 @@
 """Atomic checkpoints: completeness under a real SIGKILL, pruning, the latest pointer, RNG states."""
 
+import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -143,6 +145,49 @@ def test_sigkill_at_random_moments(tmp_path, delay):
     # the run goes on from there
     save_checkpoint(tmp_path, step + 1, lambda d: None)
     assert checkpoint_step(latest_checkpoint(tmp_path)) == step + 1
+
+
+# Two real gloo ranks save one checkpoint together; rank 1 writes its part late.
+TWO_RANKS = textwrap.dedent("""
+    import sys, time
+    import torch.distributed as dist
+    from vlmrl.checkpoint import latest_checkpoint, save_checkpoint
+    dist.init_process_group("gloo")
+    rank, run_dir = dist.get_rank(), sys.argv[1]
+
+    class Ranks:
+        is_main_process = rank == 0
+        def wait_for_everyone(self):
+            dist.barrier()
+
+    def write(folder):
+        if rank == 1:
+            time.sleep(1.0)  # rank 0 must not commit before this part is in
+        (folder / f"rank{rank}.bin").write_bytes(bytes([rank]) * 1000)
+
+    for step in (1, 2):
+        final = save_checkpoint(run_dir, step, write, keep=1, ranks=Ranks(), token=f"shared{step}")
+        # returned on this rank: the checkpoint is already committed
+        print(rank, step, latest_checkpoint(run_dir, clean=False) == final, flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_several_ranks_write_one_checkpoint(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_RANKS, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port)))
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs == [["0", "1", "True", "0", "2", "True"], ["1", "1", "True", "1", "2", "True"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "latest"]
+    latest = latest_checkpoint(tmp_path)
+    assert sorted(p.name for p in latest.iterdir()) == ["meta.json", "rank0.bin", "rank1.bin"]
+    assert (latest / "rank1.bin").read_bytes() == b"\x01" * 1000
 
 
 def test_rng_state_round_trip(tmp_path):

@@ -5,7 +5,8 @@ adds a `train(callback=...)` that saves what each rank holds after every update;
 checks the rank count, that both ranks end with bit-identical weights (gradients all-reduced),
 that the weights moved, and that the logged episode count is the sum of the ranks' own counts.
 Another run makes only rank 1's loss NaN: both ranks must skip that minibatch together (a lone
-skip would leave rank 0 waiting in the all-reduce forever) and still end identical.
+skip would leave rank 0 waiting in the all-reduce forever) and still end identical. A third dies on
+both ranks after update 1's checkpoint and is resumed: it must end exactly as the run never stopped.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU_DDP = ROOT / "configs" / "accelerate" / "cpu_ddp.yaml"
 
 # Runs the real CLI; every rank saves its own view after each update. With VLMRL_TEST_NAN_RANK set,
-# that rank's training loss is NaN on its first minibatch (the other ranks' losses stay finite).
+# that rank's training loss is NaN on its first minibatch (the other ranks' losses stay finite). With
+# VLMRL_TEST_CRASH_AT=N every rank dies at once after update N (before its checkpoint), as a crash would.
 WRAPPER = '''
 import functools, os, sys
 import torch
@@ -41,6 +43,8 @@ def report(r):
                 "env_steps": r.env_steps,
                 "weights": {n: p.detach().cpu().clone() for n, p in r.policy.named_parameters()}},
                os.path.join(report_dir, f"rank{r.rank}-update{r.update}.pt"))
+    if r.update == int(os.environ.get("VLMRL_TEST_CRASH_AT", "0")):
+        os._exit(17)
 
 nan_rank = os.environ.get("VLMRL_TEST_NAN_RANK")
 if nan_rank is not None and int(os.environ["RANK"]) == int(nan_rank):
@@ -79,22 +83,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path: Path, model: Path, nan_rank: int | None = None) -> tuple[Path, dict[tuple[int, int], dict]]:
+def _launch(tmp_path: Path, model: Path, nan_rank: int | None = None, crash_at: int | None = None,
+            resume: bool = False) -> tuple[Path, dict[tuple[int, int], dict]]:
+    """Run `vlmrl train` on two ranks into tmp_path/run; return it and what each rank reported."""
     script = tmp_path / "wrapper.py"
     script.write_text(WRAPPER)
     config = tmp_path / "run.json"
     config.write_text(json.dumps(RUN))
-    reports = tmp_path / "reports"
+    reports = tmp_path / ("reports-resumed" if resume else "reports")
     reports.mkdir()
     out = tmp_path / "run"
     env = dict(os.environ, VLMRL_TEST_REPORTS=str(reports), OMP_NUM_THREADS="1")
     if nan_rank is not None:
         env["VLMRL_TEST_NAN_RANK"] = str(nan_rank)
+    if crash_at is not None:
+        env["VLMRL_TEST_CRASH_AT"] = str(crash_at)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP),
-           "--main_process_port", str(_free_port()), str(script),
-           "train", "Blackjack", "--model", str(model), "--out", str(out), "--config", str(config), "--quiet"]
+           "--main_process_port", str(_free_port()), str(script), "train", "--out", str(out), "--quiet"]
+    cmd += ["--resume"] if resume else ["Blackjack", "--model", str(model), "--config", str(config)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.returncode != 0) == (crash_at is not None), proc.stderr[-3000:]
     found = {}
     for path in reports.glob("rank*-update*.pt"):
         rank, update = path.stem.removeprefix("rank").split("-update")
@@ -102,8 +110,13 @@ def _launch(tmp_path: Path, model: Path, nan_rank: int | None = None) -> tuple[P
     return out, found
 
 
-def test_two_gloo_ranks_end_identical_and_episodes_add_up(tiny_model, tmp_path):
-    out, reports = _launch(tmp_path, tiny_model)
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("uninterrupted"), tiny_model)
+
+
+def test_two_gloo_ranks_end_identical_and_episodes_add_up(uninterrupted):
+    out, reports = uninterrupted
     assert sorted(reports) == [(0, 1), (0, 2), (1, 1), (1, 2)]  # two ranks really ran, two updates each
     assert {r["world_size"] for r in reports.values()} == {2}
 
@@ -131,3 +144,29 @@ def test_nan_on_one_rank_skips_the_minibatch_on_both(tiny_model, tmp_path):
     w0, w1 = reports[0, 2]["weights"], reports[1, 2]["weights"]
     assert [n for n in w0 if not torch.equal(w0[n], w1[n])] == []
     assert all(torch.isfinite(w).all() for w in w0.values())
+
+
+TIMINGS = ("charts/env_steps_per_second", "charts/tokens_per_second", "charts/update_seconds", "time")
+
+
+def test_two_ranks_resumed_after_a_crash_end_as_if_never_stopped(tiny_model, uninterrupted, tmp_path):
+    out, crashed = _launch(tmp_path, tiny_model, crash_at=2)
+    assert {(0, 1), (1, 1)} <= crashed.keys()  # (the launcher may stop one rank before it reports update 2)
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    # both ranks wrote into the one checkpoint: the optimizer once, the RNGs of each rank
+    assert {"optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"} <= {
+        p.name for p in (out / "checkpoint-1" / "accelerate").iterdir()}
+
+    out, resumed = _launch(tmp_path, tiny_model, resume=True)
+    never_out, never = uninterrupted
+    assert sorted(resumed) == [(0, 2), (1, 2)]  # only update 2 ran again, on both ranks
+    for rank in (0, 1):  # each rank continued its own envs and generators
+        mine, theirs = resumed[rank, 2], never[rank, 2]
+        assert (mine["episodes"], mine["env_steps"]) == (theirs["episodes"], theirs["env_steps"])
+        assert [n for n in theirs["weights"] if not torch.equal(mine["weights"][n], theirs["weights"][n])] == []
+
+    def rows(run):
+        return [{k: v for k, v in r.items() if k not in TIMINGS} for r in read_metrics(run / "metrics.jsonl")]
+
+    assert rows(out) == rows(never_out) and len(rows(out)) == 2
+    assert (out / "samples.jsonl").read_text() == (never_out / "samples.jsonl").read_text()

@@ -12,7 +12,10 @@ replaces the ``latest`` pointer (write a temporary file, fsync, ``os.replace``).
 point therefore leaves either the previous checkpoint or the new one, never a half one under a
 ``checkpoint-`` name. Old checkpoints are renamed away before they are deleted, for the same reason.
 
-Single writer: only one process (rank 0) saves into a run directory at a time.
+One run saves into a run directory at a time. Within it, several ranks may write parts of one save
+(``ranks=``): all write into the same temporary folder, and rank 0 alone commits it once every rank
+has written, so a checkpoint never lacks the part of a slower rank (the ranks share one file system;
+rank 0's fsync covers their files).
 torch is imported lazily so that a process that only writes its own files does not pay for it.
 """
 
@@ -26,7 +29,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -41,11 +44,22 @@ _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 Writer = Callable[[Path], None]
 
 
+class Ranks(Protocol):
+    """The processes of one save, e.g. an ``accelerate.Accelerator``."""
+
+    is_main_process: bool
+
+    def wait_for_everyone(self) -> None: ...
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
     state: Mapping[str, Any] | Writer,
     keep: int | None = 3,
+    *,
+    ranks: Ranks | None = None,
+    token: str | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically and point ``latest`` at it; return its path.
 
@@ -56,39 +70,56 @@ def save_checkpoint(
             or a function that writes whatever it likes into the folder it is given (e.g. a
             model's ``save_pretrained`` plus ``torch.save`` of the optimizer).
         keep: keep only the ``keep`` newest checkpoints (by step); None keeps all.
+        ranks: for a save that several processes write: every rank calls this with the same
+            arguments; each runs the writer into the same temporary folder (a dict is written by
+            the main rank only), and the main rank commits once all have written. It returns on
+            every rank once the checkpoint is committed.
+        token: names the temporary folder ``.tmp-checkpoint-<step>-<token>``; required with
+            ``ranks`` (the ranks must agree on it), unique per call by default.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
+    if ranks is not None and not token:
+        raise ValueError("a save by several ranks needs a token they all share")
+    main = ranks is None or ranks.is_main_process
+    barrier = ranks.wait_for_everyone if ranks is not None else (lambda: None)
     run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
     final = run / f"{PREFIX}{step}"
-    tmp = run / f"{_TMP}{step}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = run / f"{_TMP}{step}-{token or f'{os.getpid()}-{uuid.uuid4().hex[:8]}'}"
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    barrier()  # the folder exists before any rank writes into it
     try:
         if callable(state):
             state(tmp)
-        else:
+        elif main:
             import torch
 
             torch.save(dict(state), tmp / STATE)
-        # The marker goes last: a checkpoint folder without it is never trusted.
-        (tmp / META).write_text(json.dumps({"step": step, "format": 1}) + "\n")
-        _fsync_tree(tmp)
+        barrier()  # every rank has written its part
+        if main:
+            # The marker goes last: a checkpoint folder without it is never trusted.
+            (tmp / META).write_text(json.dumps({"step": step, "format": 1}) + "\n")
+            _fsync_tree(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    if final.exists():  # saving the same step again (e.g. after a resume): replace it
-        _remove(final)
-    os.rename(tmp, final)
-    _fsync_dir(run)
-    _write_atomic(run / LATEST, final.name + "\n")
-    if keep is not None:
-        for _, path in list_checkpoints(run)[:-keep]:
-            if path != final:
-                _remove(path)
+    if main:
+        if final.exists():  # saving the same step again (e.g. after a resume): replace it
+            _remove(final)
+        os.rename(tmp, final)
+        _fsync_dir(run)
+        _write_atomic(run / LATEST, final.name + "\n")
+        if keep is not None:
+            for _, path in list_checkpoints(run)[:-keep]:
+                if path != final:
+                    _remove(path)
+    barrier()  # no rank goes on (or reads ``latest``) before the commit
     return final
 
 

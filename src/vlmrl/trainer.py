@@ -11,7 +11,10 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import random
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ from vlmrl.metrics import MetricsLogger, plot_learning_curve
 from vlmrl.rollout import RolloutBuffer
 from vlmrl.rollout.collect import Collector
 from vlmrl.tasks import get_task
+
+ACCELERATE_STATE = "accelerate"  # the folder of a checkpoint that accelerator.save_state writes
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,6 +68,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     accelerator = Accelerator(gradient_accumulation_steps=ppo.grad_accum_steps, cpu=not torch.cuda.is_available())
     rank, main = accelerator.process_index, accelerator.is_main_process
     run_dir = Path(cfg.out_dir)
+    random.seed(cfg.seed * 1000 + rank)
     torch.manual_seed(cfg.seed * 1000 + rank)
     np.random.seed(cfg.seed * 1000 + rank)
     task = get_task(cfg.task)
@@ -70,7 +76,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     # --- where to start from ---------------------------------------------------------------------
     # A half-written checkpoint is never loaded: latest_checkpoint() sees only complete ones. A run
     # killed before its first checkpoint resumes from update 0 (its partial metrics are cut away).
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    # Rank 0 decides (and alone cleans away the debris of interrupted saves): every rank loads the same.
+    checkpoint = _broadcast(latest_checkpoint(run_dir) if resume and main else None)
+    if checkpoint is not None and not (checkpoint / ACCELERATE_STATE).is_dir():
+        raise UserError(f"{checkpoint} has no {ACCELERATE_STATE}/ folder: an older vlmrl wrote it (trainer.pt); "
+                        "resume it with that version, or start a new run from its policy/")
     if resume and checkpoint is None and not (run_dir / "config.json").is_file():
         raise UserError(f"--resume: {run_dir} holds no run (no config.json); start without --resume")
     if not resume and (run_dir / "metrics.jsonl").exists():
@@ -103,16 +113,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     buffer = RolloutBuffer(cfg.num_steps, cfg.num_envs)
     sampling = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
     shuffling = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 2)
-    generators = {"sampling": sampling, "shuffling": shuffling}
     counters = {"update": 0, "env_steps": 0, "nan_skipped": 0}
 
+    # Checkpoints go through accelerate's save_state/load_state on every rank, which write the
+    # optimizer however it is sharded (DeepSpeed ZeRO: one file per rank) and each rank's global RNGs.
+    # The scheduler is not prepared (accelerate would step it once per process) but registered; the
+    # weights are left to policy/ (policy.save), which resume loads the policy from: no second copy.
+    run_state = _RunState(accelerator, counters, {"sampling": sampling, "shuffling": shuffling}, collector, cfg.seed)
+    accelerator.register_for_checkpointing(scheduler, run_state)
+    accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
+    accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
     if checkpoint is not None:
-        state = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        counters = state["counters"]
-        restore_rng_state(state["rng"][rank], generators)
-        collector.load_state(state["envs"][rank], cfg.seed, rank, counters["update"])
+        accelerator.load_state(str(checkpoint / ACCELERATE_STATE))  # fills counters, generators, envs
     elif main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json")
@@ -241,7 +253,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             # 4. checkpoint: every K updates and at the end
             last = counters["update"] == cfg.total_updates
             if (cfg.checkpoint_every and counters["update"] % cfg.checkpoint_every == 0) or last:
-                _checkpoint(accelerator, run_dir, cfg, policy, optimizer, scheduler, counters, generators, collector)
+                _checkpoint(accelerator, run_dir, counters["update"], cfg.keep_checkpoints, policy, run_state)
     finally:
         scope.close()
         bar.close()
@@ -268,24 +280,72 @@ def _held_out(task, policy, cfg: TrainConfig) -> dict[str, float]:
     from vlmrl.evaluate import ModelPolicy, evaluate
 
     agent = ModelPolicy(policy, task, cfg.cot, cfg.temperature, cfg.seed, cfg.max_new_tokens)
-    r = evaluate(task, agent, cfg.eval_episodes, seed=cfg.seed, num_envs=min(cfg.eval_episodes, 32), progress=False)
+    r = evaluate(task, agent, cfg.eval_episodes, seed=cfg.seed, num_envs=min(cfg.eval_episodes, 32),
+                 env_kwargs=cfg.env_kwargs, progress=False)
     return {"eval/success_rate": r.success_rate, "eval/success_ci95_low": r.success_ci95[0],
             "eval/success_ci95_high": r.success_ci95[1], "eval/episodic_return": r.mean_return,
             "eval/invalid_action_rate": r.invalid_action_rate}
 
 
-def _checkpoint(accelerator, run_dir, cfg, policy, optimizer, scheduler, counters, generators, collector) -> None:
-    """Atomic checkpoint: policy, optimizer, schedule, counters, every rank's RNG and env states."""
-    rng = accelerator.gather_for_metrics([capture_rng_state(generators)], use_gather_object=True)
-    envs = accelerator.gather_for_metrics([collector.state()], use_gather_object=True)
-    if accelerator.is_main_process:
-        def write(folder: Path) -> None:
-            policy.save(folder / "policy")
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "counters": dict(counters), "rng": rng, "envs": envs}, folder / "trainer.pt")
+class _RunState:
+    """What accelerate does not checkpoint itself: counters, and each rank's own generators and envs
+    (registered with ``register_for_checkpointing``).
 
-        save_checkpoint(run_dir, counters["update"], write, keep=cfg.keep_checkpoints)
-    accelerator.wait_for_everyone()
+    accelerate writes registered objects from the main process only, so ``gather`` (every rank,
+    before ``save_state``) collects every rank's part into ``state_dict``, and ``load_state_dict``
+    keeps this rank's. The global RNGs are captured too, although accelerate saves them per rank:
+    its loader swallows any error (logged at info level), so a failed restore would go unnoticed.
+    """
+
+    def __init__(self, accelerator, counters: dict[str, int], generators: dict[str, torch.Generator],
+                 collector: Collector, seed: int):
+        self.accelerator, self.counters, self.generators = accelerator, counters, generators
+        self.collector, self.seed = collector, seed
+        self._ranks: list[dict[str, Any]] | None = None
+
+    def gather(self) -> None:
+        from accelerate.utils import gather_object
+
+        mine = {"rng": capture_rng_state(self.generators), "envs": self.collector.state()}
+        self._ranks = gather_object([mine])
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._ranks is None:
+            raise RuntimeError("_RunState.gather() must run on every rank before save_state")
+        state = {"counters": dict(self.counters), "ranks": self._ranks}
+        self._ranks = None  # a later save gathers afresh
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        if len(state["ranks"]) != world:
+            raise UserError(f"the checkpoint was written by {len(state['ranks'])} processes and this run has "
+                            f"{world}: resume with the same number of processes")
+        self.counters.update(state["counters"])
+        mine = state["ranks"][rank]
+        restore_rng_state(mine["rng"], self.generators)
+        self.collector.load_state(mine["envs"], self.seed, rank, self.counters["update"])
+
+
+def _checkpoint(accelerator, run_dir: Path, step: int, keep: int, policy, run_state: _RunState) -> None:
+    """Atomic checkpoint written by every rank: ``accelerate/`` (optimizer, schedule, RNGs, envs,
+    counters) and, from rank 0, ``policy/`` (the weights, a folder ``VLMPolicy.load`` reads)."""
+    run_state.gather()
+    token = _broadcast(f"{os.getpid()}-{uuid.uuid4().hex[:8]}" if accelerator.is_main_process else None)
+
+    def write(folder: Path) -> None:
+        accelerator.save_state(str(folder / ACCELERATE_STATE))
+        if accelerator.is_main_process:
+            policy.save(folder / "policy")
+
+    save_checkpoint(run_dir, step, write, keep=keep, ranks=accelerator, token=token)
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object)."""
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
 
 
 def _all_finite(accelerator, value: torch.Tensor) -> bool:
