@@ -15,7 +15,7 @@ import json
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -132,7 +132,8 @@ class PPOConfig:
 class TrainConfig:
     """One PPO training run."""
 
-    # Task name: NumberLine, EZPoints, Points24, Blackjack or ALFWorld.
+    # Task: a name (NumberLine, EZPoints, Points24, Blackjack, ALFWorld, FrozenLake, or one added
+    # with register_task) or your own Task as an import path module:attr.
     task: str = "NumberLine"
     # Local folder of a Hugging Face model + processor (e.g. an SFT checkpoint).
     model: str = ""
@@ -208,7 +209,7 @@ class SFTConfig:
     """Settings of one SFT run. The defaults suit the ``tiny`` preset (a model trained from scratch);
     for a pretrained 2B-7B VLM use ``finetune="lora"``, ``lr`` about 1e-5 to 1e-4, ``train_vision=False``."""
 
-    # task name, e.g. "NumberLine"
+    # task: a name, e.g. "NumberLine", or your own Task as an import path module:attr
     task: str = "NumberLine"
     # keyword arguments of the task's env, e.g. {"split": "train"} for ALFWorld
     env_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -239,7 +240,7 @@ class SFTConfig:
     weight_decay: float = 0.0
     batch_size: int = 16
     # number of optimiser steps; if 0, ``epochs`` passes over the demonstrations instead
-    steps: int = 200
+    steps: int = 0
     epochs: float = 3.0
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -649,6 +650,95 @@ def _looks_numeric(text: str) -> bool:
     return True
 
 
+
+
+# --- command lines generated from the dataclasses --------------------------------------------------
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's help text: the comment lines right above it in the class body."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    comment: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            comment.append(text.lstrip("#").strip())
+            continue
+        name = text.split(":", 1)[0].strip()
+        if ":" in text and name.isidentifier() and not text.startswith(("def ", "class ", "return")):
+            docs[name] = " ".join(comment)
+        comment = []
+    return docs
+
+
+def add_config_arguments(parser: Any, cls: type, aliases: Mapping[str, Sequence[str]] | None = None,
+                         skip: Sequence[str] = (), prefix: str = "") -> None:
+    """One option per field of ``cls`` (nested configs as ``--ppo.lr``), so every setting is
+    reachable with one default, the dataclass's own. Options default to "not given", so that a config
+    file (``--config``) or a saved run supplies the rest; ``given_overrides`` collects what was typed.
+
+    ``aliases`` maps a dotted field to extra option strings (``{"out_dir": ["--out"]}``); ``skip``
+    names fields the command sets itself (``policy.temperature`` in a run, positional arguments).
+    """
+    import argparse
+
+    aliases = aliases or {}
+    docs = field_help(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if key in skip or not f.init:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            add_config_arguments(parser, tp, aliases, skip, key + ".")
+            continue
+        flags = [f"--{prefix}{f.name.replace('_', '-')}"]
+        if "_" in f.name and tp is not bool:
+            flags.append(f"--{prefix}{f.name}")  # the config key's own spelling works too
+        flags += [a for a in aliases.get(key, ()) if a not in flags]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = (docs.get(f.name) or key).replace("%", "%%") + f" (default: {_shown(default)})"
+        common = dict(dest=f"cfg:{key}", default=argparse.SUPPRESS, help=help_text)
+        if tp is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
+        elif typing.get_origin(tp) is Literal:
+            parser.add_argument(*flags, choices=typing.get_args(tp), **common)
+        else:
+            # text fields stay text; others are read as JSON (numbers, null, tables) and the loader
+            # then checks types and ranges with the config's own messages
+            texty = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+            many = typing.get_origin(tp) in (tuple, list)
+            convert = str if tp is str else _text if texty or many else _from_text
+            parser.add_argument(*flags, type=convert, nargs="+" if many else None,
+                                metavar="VALUE" if many else _type_name(tp).upper().replace(" OR ", "|"), **common)
+
+
+def given_overrides(args: Any) -> dict[str, Any]:
+    """The options of ``add_config_arguments`` that were typed, as ``load_config`` overrides."""
+    return {dest[4:]: value for dest, value in vars(args).items() if dest.startswith("cfg:")}
+
+
+def _text(text: str) -> str | None:
+    return None if text.strip().casefold() == "none" else text
+
+
+def _from_text(text: str) -> Any:
+    # numbers, true/false, null and JSON tables read as such; anything else stays text (and the
+    # loader names the field that wanted something else)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return _text(text)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value) if not isinstance(value, tuple) else " ".join(map(str, value))
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 __all__ = [
-    "EvalConfig", "RECIPE_SECTIONS", "SFTConfig", "is_recipe", "read_recipe", "PPOConfig", "TrainConfig", "load_config", "parse_overrides", "save_config", "to_dict", "validate",
+    "EvalConfig", "RECIPE_SECTIONS", "SFTConfig", "add_config_arguments", "given_overrides", "is_recipe", "read_recipe", "PPOConfig", "TrainConfig", "load_config", "parse_overrides", "save_config", "to_dict", "validate",
 ]

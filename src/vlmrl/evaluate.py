@@ -95,7 +95,7 @@ class ModelPolicy:
                             "or a Hugging Face Hub id")
         # A folder saved by VLMPolicy.save knows its own settings; a plain HF folder is scored as is.
         config = None if (folder / POLICY_CONFIG_FILE).is_file() else PolicyConfig(finetune="none")
-        source = str(resolve_model(path, task.name)) if config is not None else path
+        source = str(resolve_model(path, task)) if config is not None else path
         return cls(VLMPolicy.load(source, config), task, cot, temperature, seed, max_new_tokens, name=name or str(path))
 
     def act(self, observations, infos):
@@ -109,6 +109,17 @@ class ModelPolicy:
             gen = self.policy.generate(images, prompts, temperature=self.temperature,
                                        max_new_tokens=self.max_new_tokens, seed=self.generator)
         return gen.texts
+
+
+def make_policy(name: str, task: Task, cfg: Any) -> TextPolicy:
+    """``random``, ``expert``, or a model (policy folder or Hub id) as a text policy, with the
+    sampling settings of ``cfg`` (an ``EvalConfig``: seed, cot, temperature, max_new_tokens)."""
+    if name == "random":
+        return RandomPolicy(task, seed=cfg.seed)
+    if name == "expert":
+        return ExpertPolicy(task, cot=cfg.cot)
+    return ModelPolicy.load(name, task, cot=cfg.cot, temperature=cfg.temperature, seed=cfg.seed,
+                            max_new_tokens=cfg.max_new_tokens)
 
 
 @dataclass

@@ -33,12 +33,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vlmrl.algorithms import cosine_schedule
 from vlmrl.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from vlmrl.config import SFTConfig, validate
 from vlmrl.errors import UserError
 from vlmrl.policy.hf import quiet_library_bars
 from vlmrl.policy.presets import resolve_model
-from vlmrl.tasks import Task, get_task
+from vlmrl.tasks import Task, get_task, require_expert
 from vlmrl.tasks.demos import Demo, cached_demonstrations, collect_demonstrations
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, image, padding)
@@ -96,17 +97,6 @@ def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[st
             rows = [e[key] for e in examples]
         batch[key] = torch.cat(rows, 0)
     return batch
-
-
-# --- schedule --------------------------------------------------------------------------------------
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Multiplier of the base lr at ``step`` (0-based): linear warmup, then cosine down to ``min_ratio``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -216,6 +206,7 @@ def run_sft(cfg: SFTConfig, callback: Callable[[int, Any], None] | None = None,
     """
     validate(cfg)
     task = get_task(cfg.task)
+    require_expert(task, "vlmrl sft")
     out = Path(cfg.out_dir)
     if resume:
         check_resume_settings(saved_config(out), dataclasses.asdict(cfg))
@@ -243,7 +234,7 @@ def _train(cfg: SFTConfig, task: Task, callback: Callable[[int, Any], None] | No
     # clean=True: a save the kill interrupted is debris, never loaded
     checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
     # a checkpoint is a model folder (full weights, or a LoRA adapter naming its base): load it like one
-    source = checkpoint if checkpoint is not None else resolve_model(cfg.model, task.name)
+    source = checkpoint if checkpoint is not None else resolve_model(cfg.model, task)
     policy = load_policy(source, cfg.image_size, cfg.finetune, cfg.train_vision, cfg.dtype)
     model, processor = policy.model, policy.processor  # model: the peft wrapper under LoRA
     set_cpu_threads(policy, cfg.threads)  # run_sft restores the process's thread count
@@ -264,7 +255,7 @@ def _train(cfg: SFTConfig, task: Task, callback: Callable[[int, Any], None] | No
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, total, cfg.warmup_steps, cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     history: list[float] = []
@@ -373,4 +364,4 @@ def save_final(model: Any, processor: Any, out: Path, summary: dict[str, Any], l
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["Demo", "SFTConfig", "cached_demonstrations", "collate", "collect_demonstrations", "encode_all", "encode_example", "check_resume_settings", "demos_digest", "finished", "load_policy", "lr_factor", "run_sft", "saved_config"]
+__all__ = ["Demo", "SFTConfig", "cached_demonstrations", "collate", "collect_demonstrations", "encode_all", "encode_example", "check_resume_settings", "demos_digest", "finished", "load_policy", "run_sft", "saved_config"]

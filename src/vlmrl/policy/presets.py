@@ -13,8 +13,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlmrl.errors import UserError
+
+if TYPE_CHECKING:
+    from vlmrl.tasks import Task
 
 TINY = "tiny"
 # owner/name as the Hub spells repository ids, with an optional @revision
@@ -26,8 +30,9 @@ def is_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
 
 
-def resolve_model(model: str, task: str | None = None) -> Path:
-    """A local model folder for ``model``: ``"tiny"`` (per ``task``), a folder, or a Hub id.
+def resolve_model(model: str, task: "str | Task | None" = None) -> Path:
+    """A local model folder for ``model``: ``"tiny"`` (the preset for ``task``, a name or a Task), a
+    folder, or a Hub id.
 
     Raises:
         UserError: a folder without ``config.json``, a path that does not exist, or a Hub id that

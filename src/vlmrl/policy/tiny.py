@@ -9,7 +9,9 @@ The folder loads back with ``AutoModelForImageTextToText.from_pretrained`` and
 
 ``tiny_preset_path()`` builds the ``--model tiny`` preset once and caches it;
 ``tiny_preset_path(task="ALFWorld")`` builds ALFWorld's own (a wider text vocabulary and context,
-its tokenizer trained on train-split walkthroughs; the vision tower is there but never used).
+its tokenizer trained on train-split walkthroughs; the vision tower is there but never used);
+``tiny_preset_path(task=my_task)`` for any other task (a user's own) builds the same small model
+with a tokenizer trained on that task's text.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +50,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from vlmrl.errors import UserError
 from vlmrl.policy.hf import quiet_library_bars
 from vlmrl.policy.processors import PROCESSOR_FOR_ARCH, register_processors
+
+if TYPE_CHECKING:
+    from vlmrl.tasks import Task
 
 ARCHS = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next")
 
@@ -100,33 +106,43 @@ def _size_from(overrides: dict[str, Any]) -> TinySize:
 # --- text and tokenizer ---------------------------------------------------------------------------
 
 
-def task_texts(episodes: int = 12, max_steps: int = 8, seed: int = 0, tasks: Sequence[str] | None = None) -> list[str]:
-    """Prompts and responses (expert and random-action, with and without CoT) from seeded episodes.
+def task_texts(episodes: int = 12, max_steps: int = 8, seed: int = 0,
+               tasks: Sequence["str | Task"] | None = None) -> list[str]:
+    """Prompts and responses from seeded episodes of each task (names or Task objects; default the
+    card tasks): expert and random-action answers, with and without CoT. A task without an expert
+    gives its prompts and random legal actions, action-only (CoT answers need its expert side).
 
-    Tasks whose module is missing are skipped, so this works while tasks are still being written.
+    Built-in tasks named by a name whose module is missing are skipped, so this works while tasks
+    are still being written; a Task object that fails raises.
     """
     from vlmrl.tasks import CARD_TASKS, get_task
 
     rng = np.random.default_rng(seed)
     texts: list[str] = []
-    for name in tasks or CARD_TASKS:
+    for item in tasks or CARD_TASKS:
         try:
-            task = get_task(name)
+            task = get_task(item)
             env = task.make_env()
         except (ImportError, AttributeError):
+            if not isinstance(item, str):
+                raise
             continue
         try:
             for ep in range(episodes):
                 _, info = env.reset(seed=seed + ep)
                 for _ in range(max_steps):
                     n = len(task.legal_actions(info))
-                    expert = task.expert_action(info)
-                    rand = int(rng.integers(n))
-                    for cot in (True, False):
-                        texts.append(task.prompt(info, cot))
-                        texts.append(task.expert_response(info, cot))
-                        texts.append(task.response(info, rand, cot))
-                    action = expert if rng.random() < 0.5 else rand
+                    if task.has_expert:
+                        expert = task.expert_action(info)
+                        rand = int(rng.integers(n))
+                        for cot in (True, False):
+                            texts.append(task.prompt(info, cot))
+                            texts.append(task.expert_response(info, cot))
+                            texts.append(task.response(info, rand, cot))
+                        action = expert if rng.random() < 0.5 else rand
+                    else:  # the prompts, and a random legal action without the CoT fields (read_state)
+                        action = int(rng.integers(n))
+                        texts += [task.prompt(info, True), task.prompt(info, False), task.response(info, action, False)]
                     _, _, terminated, truncated, info = env.step(action)
                     if terminated or truncated:
                         break
@@ -405,17 +421,23 @@ def alfworld_texts(games: int = ALFWORLD_TOKENIZER_GAMES, seed: int = 0) -> list
     """Prompts and CoT walkthrough responses of ``games`` train-split ALFWorld games (needs
     ALFWORLD_DATA); the action-only answer is a suffix of the CoT one, so it needs no text of its own.
 
-    Read through ``vlmrl.sft.cached_demonstrations``: collected once (about 2 s a game), then cached.
+    Read through ``vlmrl.tasks.demos.cached_demonstrations``: collected once (about 2 s a game), then cached.
     """
-    from vlmrl.sft import cached_demonstrations
     from vlmrl.tasks import get_task
+    from vlmrl.tasks.demos import cached_demonstrations
 
     demos = cached_demonstrations(get_task("ALFWorld"), games, 0.0, True, seed, {"split": "train"})
     return [text for d in demos for text in (d.prompt, d.response)]
 
 
-def tiny_preset_path(cache_dir: str | os.PathLike | None = None, task: str | None = None) -> Path:
-    """The ``--model tiny`` preset, built on first use and cached under ``cache_dir``.
+# Built-in tasks that use the card preset (as they always have): the card tasks, and ALFWorld-THOR,
+# whose env needs a THOR build that cannot run here, so its text could not be played for a tokenizer.
+_CARD_PRESET_TASKS = ("NumberLine", "EZPoints", "Points24", "Blackjack", "ALFWorld-THOR")
+
+
+def tiny_preset_path(cache_dir: str | os.PathLike | None = None, task: "str | Task | None" = None) -> Path:
+    """The ``--model tiny`` preset for ``task`` (a name, an import path or a Task), built on first use
+    and cached under ``cache_dir``.
 
     ``cache_dir`` defaults to ``$VLMRL_CACHE`` or ``~/.cache/vlmrl``. The folder name carries the
     preset version and a digest of the tokenizer's training text, so a change in the tasks' prompts
@@ -423,9 +445,23 @@ def tiny_preset_path(cache_dir: str | os.PathLike | None = None, task: str | Non
     renamed into place, so concurrent or interrupted builds never leave a half-written model.
     ``task="ALFWorld"`` gives ``ALFWORLD_PRESET``, whose digest covers the preset and the ALFWorld task
     class's source instead of the text (playing the games just to name the folder would take minutes).
-    Any other task (or None) gives the card-task preset.
+    None or a built-in card task gives the card-task preset (``tiny-1-<digest>``). Any other task,
+    a user's own included, gets ``TINY_PRESET`` with a tokenizer trained on its own text
+    (``task_texts`` of a few seeded episodes), in ``tiny-<name>-1-<digest>``; a text-only task gets
+    the same model, whose vision tower it never uses.
     """
-    if task is not None and task.removeprefix("vlmrl/").removesuffix("-v0").casefold() == "alfworld":
+    if isinstance(task, str) and task.removeprefix("vlmrl/").removesuffix("-v0").casefold() == "alfworld":
+        task_obj = None  # known by its name: no need to import the ALFWorld module to name the folder
+        kind = "alfworld"
+    elif task is None:
+        task_obj, kind = None, "cards"
+    else:
+        from vlmrl.tasks import get_task
+
+        task_obj = get_task(task)
+        builtin = task_obj.name in (*_CARD_PRESET_TASKS, "ALFWorld") and get_task(task_obj.name) is task_obj
+        kind = ("alfworld" if task_obj.name == "ALFWorld" else "cards") if builtin else "own"
+    if kind == "alfworld":
         import inspect
 
         from vlmrl.tasks.alfworld import ALFWorldTask
@@ -435,10 +471,11 @@ def tiny_preset_path(cache_dir: str | os.PathLike | None = None, task: str | Non
         name, texts = "tiny-alfworld", None
     else:
         preset = TINY_PRESET
-        texts = task_texts() or _FALLBACK_TEXTS
+        texts = task_texts(tasks=[task_obj]) if kind == "own" else task_texts() or _FALLBACK_TEXTS
         size = _size_from({k: v for k, v in TINY_PRESET.items() if k != "arch"})
         spec = [TINY_PRESET["arch"], dataclasses.asdict(size), texts]
-        name = "tiny"
+        # the task's name in the folder is for people; the digest of its text tells tasks apart
+        name = "tiny" if kind == "cards" else "tiny-" + (re.sub(r"[^a-z0-9]+", "-", task_obj.name.lower()).strip("-") or "task")
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(cache_dir or os.environ.get("VLMRL_CACHE") or Path.home() / ".cache" / "vlmrl")
     path = root / f"{name}-{TINY_VERSION}-{digest}"

@@ -1,14 +1,30 @@
-"""What every task gives the rest of the pipeline: prompt text, action words and an expert.
+"""The Task contract: what every task gives the pipeline, and what a user writes for a task of their own.
 
-A task pairs a Gymnasium environment (registered as ``vlmrl/<Name>-v0``) with the text around it.
-Everything here reads only the env's ``info`` dict, never the env object, so prompts, experts and
-demonstrations work the same for a live env, a vectorised one or a stored transition.
+A task pairs a Gymnasium environment with the text around it. Everything here reads only the env's
+``info`` dict, never the env object, so prompts, experts and demonstrations work the same for a live
+env, a vectorised one or a stored transition.
 
-The action words have one source, the env: a fixed-action env sets ``action_words`` (action index ->
-word, one per action of its ``Discrete`` space) and puts them in every info as ``info["action_words"]``;
-``make_env`` refuses an env whose words do not match its action space. Text that depends on env
-options (e.g. what a face card counts) is read from info too (``describe``, ``state_hints``), so
-prompt, expert and env cannot disagree.
+What RL needs (PPO, and ``vlmrl eval`` of a model or of ``--policy random``), every task has it:
+
+- ``name``; ``env_id``, a registered Gymnasium id that ``make_env`` makes (a user's module registers
+  its env with ``gymnasium.register(id=..., entry_point=MyEnv)`` when it is imported);
+- ``description`` (or ``describe(info)`` where it depends on env options), ``state_fields`` (hints
+  only: what the agent should read from the observation), ``info_text(info)``: together ``prompt``;
+- the legal actions, whose one source is the env: a fixed-action env sets ``action_words`` (action
+  index -> word, one per action of its ``Discrete`` space) and puts them in every info as
+  ``info["action_words"]``; ``make_env`` refuses an env whose words do not match its action space;
+- success: ``episode_success(info, return)``, the env's ``info["won"]`` where it reports one, else
+  return > 0 (RL4VLM).
+
+What SFT needs, an OPTIONAL expert (``has_expert`` is True when a subclass defines ``expert_action``):
+
+- ``expert_action(info)``: the action a perfect agent takes;
+- ``read_state(info)``: the true values of ``state_fields`` (the first fields of a CoT answer);
+- ``thoughts(info, action)``: a sentence from the state to the action (default: none).
+
+``vlmrl sft``, ``--policy expert`` and ``vlmrl render`` need the expert and say so in one line
+(``require_expert``) when a task has none; ``prompt`` never calls it, so PPO and evaluation start from
+any model without one.
 
 The response format follows RL4VLM: one JSON object whose chain-of-thought fields come first (the
 state the agent reads from the image, then ``"thoughts"``) and whose last field is ``"action"``.
@@ -41,32 +57,60 @@ def episode_success(info: Info, episode_return: float) -> bool:
 
 
 class Task:
-    """Base class: subclasses set the class attributes and the four methods marked below."""
+    """Base class of every task: set the class attributes, then override what the task needs.
 
-    #: short name used on the command line, e.g. "NumberLine"
+    RL side (required): ``name``, ``env_id``, ``description``; optional ``state_fields``,
+    ``describe``, ``state_hints``, ``info_text``, ``text_only``. SFT side (optional, the expert):
+    ``expert_action``, ``read_state``, ``thoughts``. The rest is shared and rarely overridden.
+    """
+
+    #: short name used on the command line and in logs, e.g. "NumberLine"
     name: str = ""
     #: registered Gymnasium id, e.g. "vlmrl/NumberLine-v0"
     env_id: str = ""
     #: what the agent must do, in a few sentences (goes at the top of the prompt; see ``describe``)
     description: str = ""
-    #: (field name, hint) for each piece of state the agent reads from the observation
+    #: (field name, hint) for each piece of state the agent reads from the observation; the hints go
+    #: in the CoT prompt as they are (no expert needed), the true values come from ``read_state``
     state_fields: tuple[tuple[str, str], ...] = ()
-    #: True when observations are text only (no image): the policy then builds a text-only prompt
+    #: True when observations are text only (no image; the text reaches the prompt through
+    #: ``info_text``): SFT then caches its demonstrations on disk; the policy sees no image and builds
+    #: a text-only prompt, so a tiny model's vision tower is simply never used
     text_only: bool = False
+    #: the import path ``module:attr`` this task was loaded from, set by ``get_task`` (see ``ref``)
+    _ref: str | None = None
 
-    # --- per task -------------------------------------------------------------------------------
-    def read_state(self, info: Info) -> tuple[str, ...]:
-        """The true values of ``state_fields`` for this observation, as text."""
-        raise NotImplementedError
+    @property
+    def ref(self) -> str:
+        """The string that names this task to ``get_task`` in another process (a saved config, a
+        resumed run): the import path it was loaded from, else its registered ``name``."""
+        return self._ref or self.name
 
+    @property
+    def has_expert(self) -> bool:
+        """Whether this task has an expert (its class overrides ``expert_action``): needed by SFT,
+        ``--policy expert`` and rendering, never by PPO or evaluation of a model."""
+        return type(self).expert_action is not Task.expert_action
+
+    # --- expert side (optional: SFT demonstrations) ---------------------------------------------
     def expert_action(self, info: Info) -> int:
-        """The action index a perfect agent takes here."""
-        raise NotImplementedError
+        """The action index a perfect agent takes here. Not defined: the task has no expert."""
+        raise _no_expert(self, "the expert's action")
+
+    def read_state(self, info: Info) -> tuple[str, ...]:
+        """The true values of ``state_fields`` for this observation, as text (for CoT answers)."""
+        if not self.state_fields:
+            return ()
+        raise UserError(
+            f"task {self.name!r} has state_fields but no read_state: define read_state to give their true "
+            "values for chain-of-thought answers, or use --no-cot"
+        )
 
     def thoughts(self, info: Info, action: int) -> str:
-        """One or two sentences that reason from the state to ``action``."""
-        raise NotImplementedError
+        """One or two sentences that reason from the state to ``action``; default: none."""
+        return ""
 
+    # --- RL side: the prompt --------------------------------------------------------------------
     def info_text(self, info: Info) -> str:
         """State given to the agent as text beside the image (e.g. the current formula); may be ''."""
         return ""
@@ -98,11 +142,22 @@ class Task:
         return range(len(self.legal_actions(info)))
 
     def make_env(self, **kwargs: Any) -> gym.Env:
-        """``gym.make(self.env_id, **kwargs)``, checked with ``check_actions`` (UserError on a mismatch)."""
+        """``gym.make(self.env_id, **kwargs)``, checked with ``check_actions``; a missing or unregistered
+        id, an option the env does not take, or mismatched action words is one UserError line."""
+        if not self.env_id:
+            raise UserError(
+                f"task {self.name!r} has no env_id: set it to a Gymnasium id that its module registers, "
+                "e.g. gymnasium.register(id='my/Grid-v0', entry_point=GridEnv)"
+            )
         try:
             env = gym.make(self.env_id, **kwargs)
+        except gym.error.Error as e:  # NameNotFound, NamespaceNotFound, a malformed id, a missing dependency
+            raise UserError(
+                f"task {self.name!r}: cannot make env {self.env_id!r}: {type(e).__name__}: {first_line(e)} "
+                "(is it registered with gymnasium.register where the task's module is imported?)"
+            ) from None
         except TypeError as e:  # an option the environment does not take
-            raise UserError(f"{self.env_id} does not take the options {kwargs}: {e}") from None
+            raise UserError(f"{self.env_id} does not take the options {kwargs}: {first_line(e)}") from None
         try:
             self.check_actions(env)
         except UserError:
@@ -159,6 +214,29 @@ class Task:
 
     def expert_response(self, info: Info, cot: bool = True) -> str:
         return self.response(info, self.expert_action(info), cot)
+
+
+def require_expert(task: Task, what: str) -> None:
+    """One UserError unless ``task`` has an expert; ``what`` names what needs it ("vlmrl sft").
+
+    Called before any work starts (a model load, a run folder), so a task without an expert fails
+    at once with the way out, rather than deep inside demonstration collection."""
+    if not task.has_expert:
+        raise _no_expert(task, what)
+
+
+def _no_expert(task: Task, what: str) -> UserError:
+    return UserError(
+        f"{what} needs an expert and task {task.name!r} has none (its Task defines no expert_action): "
+        "define expert_action (and read_state, thoughts for CoT answers), or skip SFT: "
+        "`vlmrl train TASK --model MODEL` and `vlmrl eval TASK --policy random|FOLDER` need no expert"
+    )
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def discrete_actions(env: gym.Env, env_id: str) -> spaces.Discrete:
