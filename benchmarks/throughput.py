@@ -8,10 +8,12 @@ envs per step, the log-prob taken from the sampled tokens) at each ``--envs``, a
 loop shaped like the paper's code: one env at a time, ``generate`` at batch 1, then a second forward
 pass (``VLMPolicy.evaluate``) for the action log-prob and value, then ``env.step``.
 
-Update: PPO epochs over the rollout collected at the largest ``--envs`` (the trainer's loss, gradient
-accumulation, clipping and AdamW), as samples/s, and the achieved FLOP/s of forward+backward: matmul
-FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` over the same minibatches, divided by the
-measured time, against a dense fp32 ``torch.matmul`` peak measured in the same run on the same threads.
+Update: the trainer's own ``vlmrl.trainer.ppo_update`` (its loss, accumulation, clipping, AdamW and
+non-finite checks, through accelerate) over the rollout collected at the largest ``--envs``, as
+samples/s, and the achieved FLOP/s of forward+backward: matmul FLOPs counted by
+``torch.utils.flop_counter.FlopCounterMode`` over an untimed update on the same minibatches, divided by
+the forward+backward time the update measures, against a dense fp32 ``torch.matmul`` peak measured in
+the same run on the same threads.
 
 Same settings as ``vlmrl demo`` (``configs/recipes/numberline.toml``) unless overridden. Every figure is a
 best-effort wall-clock time: on a shared machine compare runs only with the load average printed.
@@ -29,7 +31,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import vlmrl.policy  # noqa: F401  (registers the tiny model's processor)
-from vlmrl.algorithms import ppo_loss
 from vlmrl.config import PolicyConfig, PPOConfig
 from vlmrl.demo import load_recipe, recipe_file
 
@@ -51,6 +52,7 @@ from vlmrl.rollout import RolloutBuffer
 from vlmrl.rollout.collect import Collector
 from vlmrl.tasks import Task, get_task
 from vlmrl.tasks.parsing import parse_action
+from vlmrl.trainer import make_optimizer, ppo_update, rollout_advantages
 
 ROLLOUT_TARGET = 10.0  # batched at 32 envs vs the per-sample loop, env steps/s
 FLOP_TARGET = 0.30  # forward+backward FLOP/s as a fraction of the measured matmul peak
@@ -176,8 +178,8 @@ def per_sample_rollout(policy: VLMPolicy, task: Task, num_envs: int, env_steps: 
 class UpdateResult:
     minibatch_size: int
     samples: int  # samples processed in the timed epochs
-    seconds: float  # whole update: forward, backward, clipping, optimizer steps
-    fwd_bwd_seconds: float  # evaluate (input encoding included) + loss + backward
+    seconds: float  # the whole ppo_update: forward, backward, finite checks, clipping, optimizer steps
+    fwd_bwd_seconds: float  # evaluate (input encoding included) + loss + its finite check + backward
     encode_seconds: float  # the input encoding alone (processor, padding), timed apart
     flops: float  # matmul FLOPs of forward+backward over the timed epochs, counted
     peak: float  # measured dense matmul FLOP/s
@@ -200,60 +202,43 @@ class UpdateResult:
         return self.flops / max(self.fwd_bwd_seconds - self.encode_seconds, 1e-9) / self.peak
 
 
-def _minibatch_loss(policy: VLMPolicy, mb, ppo: PPOConfig) -> torch.Tensor:
-    ev = policy(mb.images, mb.prompts, mb.response_ids)
-    return ppo_loss(ev.action_logprob, mb.old_logprob, mb.advantages, ev.values, mb.old_value, mb.returns,
-                    clip=ppo.clip, value_clip=ppo.value_clip, value_coef=ppo.value_coef, entropy=ev.entropy,
-                    ent_coef=ppo.ent_coef).loss
+def time_update(policy: VLMPolicy, buffer: RolloutBuffer, ppo: PPOConfig, minibatch_size: int, epochs: int,
+                peak: float, seed: int = 0) -> UpdateResult:
+    """Time one ``ppo_update`` of ``epochs`` epochs over ``buffer``, as the trainer runs it (it trains
+    the weights: call on a policy loaded for the benchmark).
 
-
-def ppo_update(policy: VLMPolicy, buffer: RolloutBuffer, ppo: PPOConfig, minibatch_size: int, epochs: int,
-               peak: float, seed: int = 0) -> UpdateResult:
-    """Time ``epochs`` PPO epochs over ``buffer`` as the trainer runs them (on a copy of the weights' state
-    it leaves changed: call on a policy loaded for the benchmark).
-
-    A first, untimed epoch runs under ``FlopCounterMode`` (it is also the warm-up); every epoch uses the
-    same minibatch order, so the timed epochs do exactly the FLOPs counted.
+    A first, untimed update runs under ``FlopCounterMode`` (it is also the warm-up); both draw their
+    minibatches from a generator seeded alike, so the timed update does exactly the FLOPs counted.
+    target_kl is off, so that both run every epoch.
     """
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=ppo.lr, eps=ppo.adam_eps, weight_decay=ppo.weight_decay)
-    batches = math.ceil(len(buffer) / minibatch_size)
-    policy.train()
+    from accelerate import Accelerator
 
-    def epoch(count: bool = False) -> dict[str, float]:
-        out = {"flops": 0.0, "fwd_bwd": 0.0, "samples": 0}
-        order = torch.Generator().manual_seed(seed)
-        for i, mb in enumerate(buffer.minibatches(minibatch_size, order, normalize=ppo.normalize_advantages)):
-            counter = FlopCounterMode(display=False) if count else None
-            t0 = time.perf_counter()
-            if counter is not None:
-                with counter:
-                    (_minibatch_loss(policy, mb, ppo) / ppo.grad_accum_steps).backward()
-                out["flops"] += counter.get_total_flops()
-            else:
-                (_minibatch_loss(policy, mb, ppo) / ppo.grad_accum_steps).backward()
-            out["fwd_bwd"] += time.perf_counter() - t0
-            if (i + 1) % ppo.grad_accum_steps == 0 or i + 1 == batches:  # accelerate steps at the end too
-                torch.nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            out["samples"] += len(mb.prompts)
-        return out
+    ppo = replace(ppo, minibatch_size=minibatch_size, epochs=epochs, target_kl=None)
+    accelerator = Accelerator(gradient_accumulation_steps=ppo.grad_accum_steps, cpu=not torch.cuda.is_available())
+    model, optimizer = accelerator.prepare(policy, make_optimizer(policy, ppo))
 
-    flops_per_epoch = epoch(count=True)["flops"]
+    def update():  # a NaN here makes the figure meaningless: stop at the first
+        return ppo_update(model, optimizer, accelerator, buffer, ppo, torch.Generator().manual_seed(seed),
+                          max_nan_skips=1)
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        update()
     t0 = time.perf_counter()
-    timed = [epoch() for _ in range(epochs)]
+    stats = update()
     seconds = time.perf_counter() - t0
 
     # The encoding alone (image processor, chat template, padding), on the same minibatches.
     encode_seconds = 0.0
+    order = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for mb in buffer.minibatches(minibatch_size, torch.Generator().manual_seed(seed), normalize=False):
-            t1 = time.perf_counter()
-            policy.encode(mb.images, mb.prompts, mb.response_ids)
-            encode_seconds += time.perf_counter() - t1
-    return UpdateResult(minibatch_size, sum(e["samples"] for e in timed), seconds,
-                        sum(e["fwd_bwd"] for e in timed), encode_seconds * epochs, flops_per_epoch * epochs, peak)
+        for _ in range(stats.epochs):
+            for mb in buffer.minibatches(minibatch_size, order):
+                t1 = time.perf_counter()
+                policy.encode(mb.images, mb.prompts, mb.response_ids)
+                encode_seconds += time.perf_counter() - t1
+    return UpdateResult(minibatch_size, stats.epochs * len(buffer), seconds, stats.forward_backward_seconds,
+                        encode_seconds, counter.get_total_flops(), peak)
 
 
 # --- tables ---------------------------------------------------------------------------------------
@@ -284,7 +269,7 @@ def update_table(rows: list[UpdateResult]) -> str:
 
 
 def _load(model: str, temperature: float, max_new_tokens: int) -> VLMPolicy:
-    from vlmrl.sft import resolve_model
+    from vlmrl.policy.presets import resolve_model
 
     config = PolicyConfig(finetune="full", train_vision=False, temperature=temperature,
                           max_new_tokens=max_new_tokens, thought_weight=PPO.thought_weight)
@@ -369,9 +354,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             buffer, last_value = buf, last
     print(rollout_table(rows, baseline) + "\n", flush=True)
 
-    buffer.compute_advantages(last_value, gamma=PPO.gamma, lam=PPO.gae_lambda)
+    buffer.advantages, buffer.returns = rollout_advantages(buffer, last_value, PPO)
     peak_before = matmul_peak(args.peak_size)
-    updates = [ppo_update(policy, buffer, PPO, size, args.epochs, peak_before, seed=args.seed)
+    updates = [time_update(policy, buffer, PPO, size, args.epochs, peak_before, seed=args.seed)
                for size in args.minibatch_sizes]
     peak = max(peak_before, matmul_peak(args.peak_size))  # the better of two, so the fraction is not flattered
     for u in updates:

@@ -19,7 +19,6 @@ from vlmrl.sft import (
     encode_all,
     encode_example,
     load_policy,
-    lr_factor,
     run_sft,
     saved_config,
 )
@@ -89,14 +88,6 @@ def test_identical_demonstrations_share_one_encoding(tiny):
     for d, e in zip(demos[:5], examples[:5]):
         fresh = encode_example(policy, d.image, d.prompt, d.response)
         assert all(torch.equal(fresh[k], e[k]) for k in fresh)
-
-
-def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    f = [lr_factor(s, total=100, warmup=10, min_ratio=0.1) for s in range(100)]
-    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(f[:9], f[1:10]))
-    assert all(a >= b for a, b in zip(f[9:], f[10:]))
-    assert f[-1] == pytest.approx(0.1, abs=1e-3)
 
 
 def test_run_sft_trains_checkpoints_and_saves_a_loadable_policy(tiny, tmp_path):

@@ -21,28 +21,33 @@ from typing import Any
 
 from vlmrl.errors import UserError
 
+# every name the trainer logs, one constant each (CleanRL's names where CleanRL has one)
+EPISODES = "charts/episodes"
 SUCCESS_RATE = "charts/success_rate"
 EPISODIC_RETURN = "charts/episodic_return"
 EPISODIC_LENGTH = "charts/episodic_length"
 INVALID_ACTION_RATE = "charts/invalid_action_rate"
 RESPONSE_LENGTH = "charts/response_length"
+ENV_STEPS = "charts/env_steps"
 ENV_STEPS_PER_SECOND = "charts/env_steps_per_second"
 TOKENS_PER_SECOND = "charts/tokens_per_second"
+UPDATE_SECONDS = "charts/update_seconds"
+PPO_EPOCHS = "charts/ppo_epochs"
 LEARNING_RATE = "charts/learning_rate"
 NAN_SKIPPED = "charts/nan_skipped"
+LOSS = "losses/loss"
+POLICY_LOSS = "losses/policy_loss"
+VALUE_LOSS = "losses/value_loss"
+ENTROPY = "losses/entropy"
 APPROX_KL = "losses/approx_kl"
 CLIPFRAC = "losses/clipfrac"
-EXPLAINED_VARIANCE = "losses/explained_variance"
-VALUE_LOSS = "losses/value_loss"
-POLICY_LOSS = "losses/policy_loss"
-ENTROPY = "losses/entropy"
 KL_REF = "losses/kl_ref"
-
-METRIC_NAMES = (
-    SUCCESS_RATE, EPISODIC_RETURN, EPISODIC_LENGTH, INVALID_ACTION_RATE, RESPONSE_LENGTH,
-    ENV_STEPS_PER_SECOND, TOKENS_PER_SECOND, LEARNING_RATE, NAN_SKIPPED, APPROX_KL, CLIPFRAC,
-    EXPLAINED_VARIANCE, VALUE_LOSS, POLICY_LOSS, ENTROPY, KL_REF,
-)
+EXPLAINED_VARIANCE = "losses/explained_variance"
+EVAL_SUCCESS_RATE = "eval/success_rate"
+EVAL_SUCCESS_CI95_LOW = "eval/success_ci95_low"
+EVAL_SUCCESS_CI95_HIGH = "eval/success_ci95_high"
+EVAL_EPISODIC_RETURN = "eval/episodic_return"
+EVAL_INVALID_ACTION_RATE = "eval/invalid_action_rate"
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"

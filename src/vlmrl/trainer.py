@@ -1,5 +1,9 @@
 """PPO fine-tuning of a VLM agent: collect -> advantages -> update -> log -> save. Reads top to bottom.
 
+``train`` is the loop; ``rollout_advantages`` turns a full buffer into its GAE targets and
+``ppo_update`` is one update's epochs over minibatches (``benchmarks/throughput.py`` times this same
+function for the README's FLOP/s figure).
+
 One process or many (``accelerate launch``): every rank steps its own envs for a fixed number of
 steps and meets the others only inside the update (gradient all-reduce) and at logging, so ranks
 whose rollouts take different times never time out a collective while collecting.
@@ -17,22 +21,31 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from vlmrl.algorithms import explained_variance, ppo_loss
+from vlmrl import metrics as M
+from vlmrl.algorithms import PPOLoss, cosine_schedule, explained_variance, gae, normalize_advantages, ppo_loss
 from vlmrl.checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state, save_checkpoint
-from vlmrl.config import TrainConfig, save_config
+from vlmrl.config import RUN_OWNED_POLICY_FIELDS, PolicyConfig, PPOConfig, TrainConfig, save_config
 from vlmrl.errors import UserError
 from vlmrl.metrics import MetricsLogger, plot_learning_curve
-from vlmrl.rollout import RolloutBuffer
+from vlmrl.rollout import RolloutBatch, RolloutBuffer
 from vlmrl.rollout.collect import Collector
-from vlmrl.tasks import get_task
+from vlmrl.tasks import Task, get_task
+
+if TYPE_CHECKING:
+    from vlmrl.policy.model import VLMPolicy
 
 ACCELERATE_STATE = "accelerate"  # the folder of a checkpoint that accelerator.save_state writes
+
+# PPOLoss field -> its logged name, in the order of the metrics file's columns
+_LOSS_METRICS = {"loss": M.LOSS, "policy_loss": M.POLICY_LOSS, "value_loss": M.VALUE_LOSS, "entropy": M.ENTROPY,
+                 "approx_kl": M.APPROX_KL, "clipfrac": M.CLIPFRAC, "kl_ref": M.KL_REF}
 
 
 class TrainingDiverged(RuntimeError):
@@ -51,17 +64,65 @@ class RankUpdate:
     policy: Any  # this rank's VLMPolicy after the update
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          callback: Callable[[RankUpdate], None] | None = None) -> Path:
+@dataclasses.dataclass
+class UpdateStats:
+    """What one ``ppo_update`` did on this rank."""
+
+    # PPOLoss field -> its mean over the minibatches that counted (empty when none did)
+    losses: dict[str, float] = dataclasses.field(default_factory=dict)
+    epochs: int = 0  # epochs run: fewer than ppo.epochs after a target_kl stop
+    minibatches: int = 0  # minibatches that counted: finite loss and gradient
+    optimizer_steps: int = 0
+    nan_skipped: int = 0  # minibatches skipped for a non-finite loss or gradient norm
+    nan_streak: int = 0  # non-finite minibatches in a row at the end (the next update counts on)
+    forward_backward_seconds: float = 0.0  # forward, loss and backward only: the benchmark's FLOP/s time
+    last_batch: RolloutBatch | None = None  # the last minibatch, to score the new weights on
+
+
+@dataclasses.dataclass
+class _RolloutReport:
+    """One rank's rollout figures; the logged metrics are computed from every rank's."""
+
+    returns: list[float]  # of the episodes that ended in this update
+    lengths: list[int]
+    wins: list[bool]
+    steps: int  # transitions collected
+    invalid: int  # of which the response did not parse to a legal action
+    response_tokens: int
+    generate_seconds: float
+    collect_seconds: float
+
+
+def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None = None, *, resume: bool = False,
+          progress: bool = True, callback: Callable[[RankUpdate], None] | None = None) -> Path:
     """Run PPO as configured; return the folder of the final policy (``<out_dir>/final``).
 
-    ``callback``, if given, runs on every rank after every update, before the checkpoint.
+    Args:
+        cfg: the run's settings.
+        task: a ``vlmrl.Task`` to train on, instead of ``get_task(cfg.task)``. The run's config.json
+            names it by ``task.ref``, so that ``vlmrl train --resume`` finds it again when it is
+            built in, registered or importable (``module:attr``).
+        policy: a ready ``VLMPolicy`` to start from, instead of loading ``cfg.model`` (which may then
+            be empty). It is trained in place, moved to this rank's device and given the run's
+            sampling settings (``temperature``, ``top_p``, ``max_new_tokens``, ``seed``,
+            ``ppo.thought_weight``); its other settings (finetune, LoRA, dtype, ...) replace
+            ``cfg.policy`` and are saved with the run. A resume still loads the weights from the
+            checkpoint (with those settings) and leaves the object as it was.
+        resume: continue the run in ``cfg.out_dir`` from its newest checkpoint.
+        progress: show a progress bar (rank 0).
+        callback: runs on every rank after every update, before the checkpoint.
     """
     from accelerate import Accelerator
 
     from vlmrl.policy.model import VLMPolicy, cpu_threads
-    from vlmrl.sft import resolve_model
+    from vlmrl.policy.presets import resolve_model
 
+    if task is not None:
+        cfg = dataclasses.replace(cfg, task=task.ref)
+    if policy is not None:  # its own settings, less the run's, so that config.json can load it again
+        defaults = PolicyConfig()
+        cfg = dataclasses.replace(cfg, policy=dataclasses.replace(
+            policy.config, **{name: getattr(defaults, name) for name in RUN_OWNED_POLICY_FIELDS}))
     ppo = cfg.ppo
     # cpu=True on a host without CUDA: otherwise accelerate ignores the ranks torchrun started and
     # every process trains alone (DistributedType.NO); with it they join one gloo group.
@@ -71,7 +132,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     random.seed(cfg.seed * 1000 + rank)
     torch.manual_seed(cfg.seed * 1000 + rank)
     np.random.seed(cfg.seed * 1000 + rank)
-    task = get_task(cfg.task)
+    task = get_task(cfg.task if task is None else task)
 
     # --- where to start from ---------------------------------------------------------------------
     # A half-written checkpoint is never loaded: latest_checkpoint() sees only complete ones. A run
@@ -83,25 +144,31 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                         "resume it with that version, or start a new run from its policy/")
     if resume and checkpoint is None and not (run_dir / "config.json").is_file():
         raise UserError(f"--resume: {run_dir} holds no run (no config.json); start without --resume")
-    if not resume and (run_dir / "metrics.jsonl").exists():
+    if not resume and (run_dir / M.METRICS_FILE).exists():
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it or choose a new --out")
-    source = str(checkpoint / "policy") if checkpoint else str(resolve_model(cfg.model))
+    if checkpoint is None and policy is None and not cfg.model:
+        raise UserError("no model to start from: set model (a folder, a Hub id or 'tiny') or pass a policy "
+                        "(train(cfg, policy=...)); a run started from a policy resumes without one only once "
+                        "it has a checkpoint")
 
     # --- policy, optimizer, learning-rate schedule -----------------------------------------------
     policy_cfg = cfg.policy_config()
     if policy_cfg.device is None:  # each rank loads onto its own device, not all onto cuda:0
         policy_cfg = dataclasses.replace(policy_cfg, device=str(accelerator.device))
-    policy = VLMPolicy.load(source, policy_cfg)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=ppo.lr, eps=ppo.adam_eps, weight_decay=ppo.weight_decay)
+    if checkpoint is not None:
+        policy = VLMPolicy.load(checkpoint / "policy", policy_cfg)
+    elif policy is not None:
+        policy.config = policy_cfg
+        policy = policy.to(policy_cfg.device)
+    else:
+        policy = VLMPolicy.load(resolve_model(cfg.model, task), policy_cfg)
+    optimizer = make_optimizer(policy, ppo)
     span = ppo.lr_schedule_updates or cfg.total_updates
 
-    def lr_factor(update: int) -> float:
+    def lr_factor(update: int) -> float:  # per update: the paper's cosine from lr to end_lr
         if ppo.lr_schedule == "constant":
             return 1.0
-        progress_ = min(update, span) / span
-        end = ppo.end_lr / ppo.lr
-        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress_))
+        return cosine_schedule(update, span, end_ratio=ppo.end_lr / ppo.lr)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     if accelerator.state.deepspeed_plugin is not None:  # no DataLoader to take the micro-batch size from
@@ -137,7 +204,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     reference = policy.reference if ppo.kl_coef > 0 else None
     bar = tqdm(total=cfg.total_updates, initial=counters["update"], desc=f"ppo {task.name}",
                disable=not (progress and main))
-    nan_in_a_row = 0
+    nan_streak = 0  # non-finite minibatches in a row, across updates
     scope = contextlib.ExitStack()  # what the run changes in the process, undone in `finally`
     scope.enter_context(cpu_threads(policy))
     try:
@@ -151,59 +218,21 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 invalid_action_penalty=ppo.invalid_action_penalty, reference=reference,
             )
             collect_seconds = time.perf_counter() - t0
-            buffer.compute_advantages(last_value, gamma=ppo.gamma, lam=ppo.gae_lambda)
 
-            # 2. PPO epochs over shuffled minibatches, gradients accumulated then clipped
+            # 2. advantages, then PPO epochs over shuffled minibatches
+            buffer.advantages, buffer.returns = rollout_advantages(buffer, last_value, ppo)
             t1 = time.perf_counter()
-            model.train()
-            sums: dict[str, float] = {}
-            batches = 0
-            for epochs_run in range(1, ppo.epochs + 1):
-                epoch_kl: list[float] = []
-                for mb in buffer.minibatches(ppo.minibatch_size, shuffling, normalize=ppo.normalize_advantages):
-                    with accelerator.accumulate(model):
-                        ev = model(mb.images, mb.prompts, mb.response_ids)
-                        dev = ev.values.device
-                        out = ppo_loss(
-                            ev.action_logprob, mb.old_logprob.to(dev), mb.advantages.to(dev), ev.values,
-                            mb.old_value.to(dev), mb.returns.to(dev), clip=ppo.clip, value_clip=ppo.value_clip,
-                            value_coef=ppo.value_coef, entropy=ev.entropy, ent_coef=ppo.ent_coef,
-                            ref_logprob=None if mb.ref_logprob is None else mb.ref_logprob.to(dev),
-                            kl_coef=ppo.kl_coef,
-                        )
-                        # A non-finite loss or gradient norm skips the minibatch (no step). Every
-                        # rank decides alike (all-reduced flag, all-reduced gradients), or DDP's
-                        # all-reduce would wait forever.
-                        finite = _all_finite(accelerator, out.loss)
-                        if finite:
-                            accelerator.backward(out.loss)
-                            if accelerator.sync_gradients:
-                                norm = accelerator.clip_grad_norm_(params, ppo.max_grad_norm)
-                                finite = norm is None or bool(torch.isfinite(norm))  # None: DeepSpeed clips
-                        if not finite:
-                            optimizer.zero_grad()
-                            counters["nan_skipped"] += 1
-                            nan_in_a_row += 1
-                            if nan_in_a_row >= max(cfg.max_nan_skips, 1):
-                                raise TrainingDiverged(_diverged(
-                                    f"{nan_in_a_row} minibatches in a row had a non-finite loss or gradient "
-                                    f"(update {update + 1})", run_dir))
-                            continue
-                        nan_in_a_row = 0
-                        optimizer.step()
-                        optimizer.zero_grad()
-                    for k in ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "kl_ref"):
-                        sums[k] = sums.get(k, 0.0) + float(getattr(out, k).detach())
-                    batches += 1
-                    epoch_kl.append(float(out.approx_kl))
-                # Early stop once the policy has moved far from the one that collected the data
-                # (decided on the mean over ranks, so every rank runs the same number of epochs).
-                if ppo.target_kl is not None and _rank_mean(accelerator, epoch_kl) > ppo.target_kl:
-                    break
+            try:
+                result = ppo_update(model, optimizer, accelerator, buffer, ppo, shuffling,
+                                    max_nan_skips=cfg.max_nan_skips, nan_streak=nan_streak)
+            except TrainingDiverged as err:
+                raise TrainingDiverged(_diverged(f"{err} (update {update + 1})", run_dir)) from None
+            nan_streak = result.nan_streak
+            counters["nan_skipped"] += result.nan_skipped
             scheduler.step()
             # Weights that blew up (a finite loss can still take a ruinous step) would sample NaNs in
             # the next rollout and must not become "the last good checkpoint": score one minibatch.
-            if not _weights_finite(accelerator, policy, mb, ppo):
+            if not _weights_finite(accelerator, policy, result.last_batch, ppo):
                 raise TrainingDiverged(_diverged(
                     f"the weights after update {update + 1} give a non-finite loss; they were not saved", run_dir))
             update_seconds = time.perf_counter() - t1
@@ -211,30 +240,31 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
             # 3. metrics, gathered over ranks (the only other place ranks meet)
             done = collector.pop_finished()
-            gathered = accelerator.gather_for_metrics(
-                [(done.returns, done.lengths, done.wins, stats.steps, stats.invalid, stats.response_tokens,
-                  stats.generate_seconds, collect_seconds)], use_gather_object=True)
-            returns = [r for g in gathered for r in g[0]]
-            lengths = [n for g in gathered for n in g[1]]
-            wins = [w for g in gathered for w in g[2]]
-            steps = sum(g[3] for g in gathered)
+            mine = _RolloutReport(done.returns, done.lengths, done.wins, stats.steps, stats.invalid,
+                                  stats.response_tokens, stats.generate_seconds, collect_seconds)
+            reports = accelerator.gather_for_metrics([mine], use_gather_object=True)
+            returns = [x for r in reports for x in r.returns]
+            lengths = [x for r in reports for x in r.lengths]
+            wins = [x for r in reports for x in r.wins]
+            steps = sum(r.steps for r in reports)
+            tokens = sum(r.response_tokens for r in reports)
             counters["env_steps"] += steps
-            metrics: dict[str, Any] = {f"losses/{k}": v / max(batches, 1) for k, v in sums.items()}
+            metrics: dict[str, Any] = {_LOSS_METRICS[k]: v for k, v in result.losses.items()}
             metrics.update({
-                "charts/episodes": len(returns),
-                "charts/success_rate": float(np.mean(wins)) if wins else None,
-                "charts/episodic_return": float(np.mean(returns)) if returns else None,
-                "charts/episodic_length": float(np.mean(lengths)) if lengths else None,
-                "charts/invalid_action_rate": sum(g[4] for g in gathered) / max(steps, 1),
-                "charts/response_length": sum(g[5] for g in gathered) / max(steps, 1),
-                "charts/env_steps": counters["env_steps"],
-                "charts/env_steps_per_second": steps / max(max(g[7] for g in gathered), 1e-9),
-                "charts/tokens_per_second": sum(g[5] for g in gathered) / max(max(g[6] for g in gathered), 1e-9),
-                "charts/update_seconds": update_seconds,
-                "charts/ppo_epochs": epochs_run,
-                "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                "charts/nan_skipped": counters["nan_skipped"],
-                "losses/explained_variance": explained_variance(buffer.values.flatten(), buffer.returns.flatten()),
+                M.EPISODES: len(returns),
+                M.SUCCESS_RATE: float(np.mean(wins)) if wins else None,
+                M.EPISODIC_RETURN: float(np.mean(returns)) if returns else None,
+                M.EPISODIC_LENGTH: float(np.mean(lengths)) if lengths else None,
+                M.INVALID_ACTION_RATE: sum(r.invalid for r in reports) / max(steps, 1),
+                M.RESPONSE_LENGTH: tokens / max(steps, 1),
+                M.ENV_STEPS: counters["env_steps"],
+                M.ENV_STEPS_PER_SECOND: steps / max(max(r.collect_seconds for r in reports), 1e-9),
+                M.TOKENS_PER_SECOND: tokens / max(max(r.generate_seconds for r in reports), 1e-9),
+                M.UPDATE_SECONDS: update_seconds,
+                M.PPO_EPOCHS: result.epochs,
+                M.LEARNING_RATE: optimizer.param_groups[0]["lr"],
+                M.NAN_SKIPPED: counters["nan_skipped"],
+                M.EXPLAINED_VARIANCE: explained_variance(buffer.values.flatten(), buffer.returns.flatten()),
             })
             if main and cfg.eval_every and counters["update"] % cfg.eval_every == 0:
                 metrics.update(_held_out(task, policy, cfg))
@@ -243,8 +273,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 _write_samples(run_dir, counters["update"], buffer, cfg.log_samples,
                                images=counters["update"] == cfg.total_updates)
                 bar.update(1)
-                if metrics["charts/success_rate"] is not None:
-                    bar.set_postfix(success=f"{metrics['charts/success_rate']:.2f}")
+                if metrics[M.SUCCESS_RATE] is not None:
+                    bar.set_postfix(success=f"{metrics[M.SUCCESS_RATE]:.2f}")
 
             if callback is not None:
                 callback(RankUpdate(counters["update"], rank, accelerator.num_processes,
@@ -264,10 +294,142 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     final = run_dir / "final"
     if main:
         policy.save(final)
-        plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png",
-                            keys=("charts/success_rate", "charts/episodic_return", "charts/invalid_action_rate"))
+        plot_learning_curve(run_dir / M.METRICS_FILE, run_dir / "learning_curve.png",
+                            keys=(M.SUCCESS_RATE, M.EPISODIC_RETURN, M.INVALID_ACTION_RATE))
     accelerator.wait_for_everyone()
     return final
+
+
+# --- the update: advantages, then epochs over minibatches -------------------------------------------
+
+
+def rollout_advantages(buffer: RolloutBuffer, last_value: Tensor, ppo: PPOConfig) -> tuple[Tensor, Tensor]:
+    """GAE advantages and returns of a full buffer, [T, N] each; ``last_value`` is V(s_T), [N].
+
+    With ``ppo.normalize_advantages`` the advantages are normalised over the whole rollout, as the
+    paper's code does, so every minibatch of every epoch sees the same targets; the returns (the
+    value target) stay the raw advantages + values.
+    """
+    advantages, returns = gae(buffer.rewards, buffer.values, buffer.terminated, buffer.truncated, last_value,
+                              buffer.final_values, gamma=ppo.gamma, lam=ppo.gae_lambda)
+    if ppo.normalize_advantages:
+        advantages = normalize_advantages(advantages.flatten()).view_as(advantages)
+    return advantages, returns
+
+
+def make_optimizer(policy: VLMPolicy, ppo: PPOConfig) -> torch.optim.AdamW:
+    """AdamW over the policy's trainable parameters."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=ppo.lr, eps=ppo.adam_eps, weight_decay=ppo.weight_decay)
+
+
+def ppo_update(model, optimizer, accelerator, buffer: RolloutBuffer, ppo: PPOConfig, generator: torch.Generator,
+               *, max_nan_skips: int, nan_streak: int = 0) -> UpdateStats:
+    """One PPO update: ``ppo.epochs`` passes over ``buffer`` in shuffled minibatches (SB3's ``train()``).
+
+    Args:
+        model: the policy as ``accelerator.prepare`` returned it (DDP-wrapped when there are ranks).
+        optimizer: its optimizer (``make_optimizer``), prepared with it.
+        accelerator: built with ``gradient_accumulation_steps=ppo.grad_accum_steps``.
+        buffer: a full rollout with its ``advantages`` and ``returns`` set (``rollout_advantages``).
+        ppo: loss weights, clipping, epochs, minibatch size, accumulation, target_kl.
+        generator: draws each epoch's order.
+        max_nan_skips: raise TrainingDiverged at this many non-finite minibatches in a row, counting on
+            from the ``nan_streak`` that ended the previous update.
+
+    The optimizer steps after every ``ppo.grad_accum_steps`` minibatches and after the last one of each
+    epoch, so no gradient is left over for the next epoch or update. The epochs stop early once the
+    mean approx_kl over ranks exceeds ``ppo.target_kl`` (every rank runs the same number).
+    """
+    k = ppo.grad_accum_steps
+    if accelerator.gradient_accumulation_steps != k:
+        raise ValueError(f"the accelerator accumulates {accelerator.gradient_accumulation_steps} minibatches "
+                         f"and ppo.grad_accum_steps is {k}: build it with gradient_accumulation_steps={k}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # what the optimizer steps
+    stats = UpdateStats(nan_streak=nan_streak)
+    sums: dict[str, float] = {}
+    model.train()
+    for epoch in range(1, ppo.epochs + 1):
+        stats.epochs = epoch
+        batches = list(buffer.minibatches(ppo.minibatch_size, generator))
+        epoch_kl: list[float] = []
+        for i, mb in enumerate(batches):
+            stats.last_batch = mb
+            group = min(k, len(batches) - i // k * k)  # minibatches accumulated with this one (short at the end)
+            out = _minibatch_step(model, optimizer, accelerator, params, mb, ppo, stats,
+                                  sync=(i + 1) % k == 0 or i + 1 == len(batches), scale=k / group)
+            if out is None:
+                stats.nan_skipped += 1
+                stats.nan_streak += 1
+                if stats.nan_streak >= max(max_nan_skips, 1):
+                    raise TrainingDiverged(f"{stats.nan_streak} minibatches in a row had a non-finite loss or gradient")
+                continue
+            stats.nan_streak = 0
+            stats.minibatches += 1
+            for field in _LOSS_METRICS:
+                sums[field] = sums.get(field, 0.0) + float(getattr(out, field).detach())
+            epoch_kl.append(float(out.approx_kl))
+        # Early stop once the policy has moved far from the one that collected the data (decided on
+        # the mean over ranks, so every rank runs the same number of epochs).
+        if ppo.target_kl is not None and _rank_mean(accelerator, epoch_kl) > ppo.target_kl:
+            break
+    stats.losses = {field: total / stats.minibatches for field, total in sums.items()}
+    return stats
+
+
+def _minibatch_step(model, optimizer, accelerator, params, mb: RolloutBatch, ppo: PPOConfig, stats: UpdateStats,
+                    *, sync: bool, scale: float) -> PPOLoss | None:
+    """Forward, loss and backward of one minibatch, and with ``sync`` the clipped optimizer step.
+
+    Returns the loss terms, or None when the loss or the gradient norm is non-finite: nothing steps
+    then, and ``zero_grad`` drops the group's gradients (accelerate makes it a no-op until the group's
+    last minibatch, so a skip before that drops only this one). Every rank decides alike (all-reduced
+    flag, all-reduced gradients), or DDP's all-reduce would wait forever. ``scale`` weighs the loss
+    (accelerate divides it by grad_accum_steps): k / len(group), so a short group is a mean too.
+    Adds the forward+backward time and the optimizer step to ``stats``.
+    """
+    with _accumulate(accelerator, model, sync):
+        start = time.perf_counter()
+        out = _loss(model(mb.images, mb.prompts, mb.response_ids), mb, ppo)
+        if not _all_finite(accelerator, out.loss):
+            optimizer.zero_grad()
+            return None
+        accelerator.backward(out.loss if scale == 1.0 else out.loss * scale)
+        stats.forward_backward_seconds += time.perf_counter() - start
+        if not accelerator.sync_gradients:
+            return out
+        norm = accelerator.clip_grad_norm_(params, ppo.max_grad_norm)  # a tensor; DeepSpeed: a float or None
+        if norm is not None and not math.isfinite(float(norm)):
+            optimizer.zero_grad()
+            return None
+        optimizer.step()
+        optimizer.zero_grad()
+        stats.optimizer_steps += 1
+        return out
+
+
+def _accumulate(accelerator, model, sync: bool):
+    """``accelerator.accumulate(model)`` that syncs (gradient all-reduce, optimizer step) exactly when ``sync``.
+
+    Left alone, accelerate syncs on every k-th call since it was built and restarts the count only at
+    the end of a DataLoader it prepared, which the buffer is not: an epoch of 3 minibatches with k = 2
+    would carry half a group into the next epoch or update (and a resumed run, whose checkpoint holds
+    no gradients, would differ). So its counter is set: ``accumulate`` adds one and syncs on a multiple of k.
+    """
+    accelerator.step = accelerator.gradient_accumulation_steps - 1 if sync else 0
+    return accelerator.accumulate(model)
+
+
+def _loss(ev, mb: RolloutBatch, ppo: PPOConfig) -> PPOLoss:
+    """The PPO loss of the policy's evaluation ``ev`` of ``mb`` (its tensors moved to ``ev``'s device)."""
+    dev = ev.values.device
+    return ppo_loss(ev.action_logprob, mb.old_logprob.to(dev), mb.advantages.to(dev), ev.values,
+                    mb.old_value.to(dev), mb.returns.to(dev), clip=ppo.clip, value_clip=ppo.value_clip,
+                    value_coef=ppo.value_coef, entropy=ev.entropy, ent_coef=ppo.ent_coef,
+                    ref_logprob=None if mb.ref_logprob is None else mb.ref_logprob.to(dev), kl_coef=ppo.kl_coef)
+
+
+# --- helpers ----------------------------------------------------------------------------------------
 
 
 def _rank_mean(accelerator, values: list[float]) -> float:
@@ -282,9 +444,9 @@ def _held_out(task, policy, cfg: TrainConfig) -> dict[str, float]:
     agent = ModelPolicy(policy, task, cfg.cot, cfg.temperature, cfg.seed, cfg.max_new_tokens)
     r = evaluate(task, agent, cfg.eval_episodes, seed=cfg.seed, num_envs=min(cfg.eval_episodes, 32),
                  env_kwargs=cfg.env_kwargs, progress=False)
-    return {"eval/success_rate": r.success_rate, "eval/success_ci95_low": r.success_ci95[0],
-            "eval/success_ci95_high": r.success_ci95[1], "eval/episodic_return": r.mean_return,
-            "eval/invalid_action_rate": r.invalid_action_rate}
+    return {M.EVAL_SUCCESS_RATE: r.success_rate, M.EVAL_SUCCESS_CI95_LOW: r.success_ci95[0],
+            M.EVAL_SUCCESS_CI95_HIGH: r.success_ci95[1], M.EVAL_EPISODIC_RETURN: r.mean_return,
+            M.EVAL_INVALID_ACTION_RATE: r.invalid_action_rate}
 
 
 class _RunState:
@@ -355,16 +517,13 @@ def _all_finite(accelerator, value: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def _weights_finite(accelerator, policy, mb, ppo) -> bool:
-    """Whether the current weights give a finite PPO loss on ``mb`` on every rank (no RNG drawn)."""
+def _weights_finite(accelerator, policy, mb: RolloutBatch, ppo: PPOConfig) -> bool:
+    """Whether the current weights give a finite PPO loss (without the KL term) on ``mb`` on every
+    rank (no RNG drawn)."""
     was_training = policy.training
     policy.eval()
     try:
-        ev = policy(mb.images, mb.prompts, mb.response_ids)
-        dev = ev.values.device
-        out = ppo_loss(ev.action_logprob, mb.old_logprob.to(dev), mb.advantages.to(dev), ev.values,
-                       mb.old_value.to(dev), mb.returns.to(dev), clip=ppo.clip, value_clip=ppo.value_clip,
-                       value_coef=ppo.value_coef, entropy=ev.entropy, ent_coef=ppo.ent_coef)
+        out = _loss(policy(mb.images, mb.prompts, mb.response_ids), mb._replace(ref_logprob=None), ppo)
     finally:
         policy.train(was_training)
     return _all_finite(accelerator, out.loss)

@@ -50,8 +50,7 @@ def test_gigpo_groups_identical_states_across_episodes_of_different_lengths():
 
 def test_gigpo_compares_states_only_within_a_group():
     # the same key in two groups is two anchor states, each alone: no step advantage
-    rewards, episode, step = t(1, 0), i(0, 1), i(0, 0)
-    adv = gigpo_advantages(rewards, episode, step, i(0, 1), i(3, 3), gamma=0.9, eps=0.0)
+    adv = gigpo_advantages(t(1, 0), i(0, 1), i(0, 0), i(0, 1), i(3, 3), gamma=0.9, eps=0.0)
     assert adv.tolist() == [0, 0]
 
 

@@ -1,10 +1,12 @@
-"""The rollout buffer: storage order, GAE wiring, seeded minibatches, input checks."""
+"""The rollout buffer: storage order, seeded minibatches of what it holds, input checks.
+
+(Its GAE targets are computed by the trainer: tests/test_trainer.py, tests/algorithms/test_gae.py.)
+"""
 
 import numpy as np
 import pytest
 import torch
 
-from vlmrl.algorithms import gae, normalize_advantages
 from vlmrl.rollout import RolloutBuffer
 
 T, N = 3, 2
@@ -36,6 +38,13 @@ def filled(**kwargs):
     return buf
 
 
+def with_targets(buf):
+    """Advantages and returns that name their own flat index (the trainer sets GAE's here)."""
+    buf.advantages = torch.arange(T * N, dtype=torch.float32).view(T, N)
+    buf.returns = 100 + buf.advantages
+    return buf
+
+
 def test_stores_in_flat_t_major_order():
     buf = filled()
     assert buf.full and len(buf) == T * N
@@ -59,25 +68,12 @@ def test_images_are_copied():
     assert buf.images[0].max() == 0
 
 
-def test_compute_advantages_matches_gae():
-    buf = filled()
-    buf.compute_advantages(torch.tensor([1.0, 2.0]), gamma=0.9, lam=0.95)
-    adv, ret = gae(buf.rewards, buf.values, buf.terminated, buf.truncated, torch.tensor([1.0, 2.0]),
-                   buf.final_values, gamma=0.9, lam=0.95)
-    torch.testing.assert_close(buf.advantages, adv)
-    torch.testing.assert_close(buf.returns, ret)
-    # env 0 truncated at t=1 bootstraps from V(final) = 7: delta = 0 + 0.9*7 - 1
-    assert buf.advantages[1, 0].item() == pytest.approx(0.9 * 7 - 1)
-
-
 def test_minibatches_cover_everything_once_and_follow_the_seed():
-    buf = filled()
-    buf.compute_advantages([0.0, 0.0], gamma=0.9, lam=0.95)
+    buf = with_targets(filled())
     batches = list(buf.minibatches(4, torch.Generator().manual_seed(3)))
     assert [len(b.indices) for b in batches] == [4, 2]  # the remainder comes last
     seen = torch.cat([b.indices for b in batches])
     assert sorted(seen.tolist()) == list(range(T * N))
-    norm = normalize_advantages(buf.advantages.flatten())
     for b in batches:
         for j, i in enumerate(b.indices.tolist()):
             t, e = divmod(i, N)
@@ -85,8 +81,8 @@ def test_minibatches_cover_everything_once_and_follow_the_seed():
             assert b.response_texts[j] == f'{{"action": "a{t}{e}"}}'
             assert b.images[j][0, 0, 0] == 10 * t + e
             assert b.response_ids[j].dtype == torch.long
-        torch.testing.assert_close(b.advantages, norm[b.indices])  # normalised over the whole buffer
-        torch.testing.assert_close(b.returns, buf.returns.flatten()[b.indices])
+        assert b.advantages.tolist() == b.indices.float().tolist()  # as set, unchanged
+        assert b.returns.tolist() == (100 + b.indices.float()).tolist()
         torch.testing.assert_close(b.old_logprob, buf.logprobs.flatten()[b.indices])
         torch.testing.assert_close(b.old_value, buf.values.flatten()[b.indices])
         assert b.valid.dtype == torch.bool and b.ref_logprob is None
@@ -96,19 +92,16 @@ def test_minibatches_cover_everything_once_and_follow_the_seed():
     assert other.tolist() != seen.tolist()
 
 
-def test_unnormalized_advantages_and_ref_logprobs():
+def test_ref_logprobs_follow_their_transitions():
     buf = RolloutBuffer(T, N)
     for t in range(T):
         buf.add(**step_data(t, ref=[-1.0 - t, -2.0 - t]))
-    buf.compute_advantages([0.0, 0.0], gamma=0.9, lam=0.95)
-    (b,) = list(buf.minibatches(T * N, torch.Generator().manual_seed(0), normalize=False))
-    torch.testing.assert_close(b.advantages, buf.advantages.flatten()[b.indices])
+    (b,) = list(with_targets(buf).minibatches(T * N, torch.Generator().manual_seed(0)))
     torch.testing.assert_close(b.ref_logprob, buf.ref_logprobs.flatten()[b.indices])
 
 
 def test_reset_empties_the_buffer():
-    buf = filled()
-    buf.compute_advantages([0.0, 0.0], gamma=0.9, lam=0.95)
+    buf = with_targets(filled())
     buf.reset()
     assert len(buf) == 0 and buf.advantages is None and buf.prompts == []
     buf.add(**step_data(0))
@@ -132,9 +125,16 @@ def test_input_errors():
     with pytest.raises(TypeError, match="uint8"):
         buf.add(**bad)
     with pytest.raises(RuntimeError, match="fill it first"):
-        buf.compute_advantages([0.0, 0.0], gamma=0.9, lam=0.95)
-    with pytest.raises(RuntimeError, match="compute_advantages"):
         next(buf.minibatches(2, torch.Generator()))
+    with pytest.raises(RuntimeError, match="advantages and returns"):
+        next(filled().minibatches(2, torch.Generator()))
+    flat = with_targets(filled())
+    flat.returns = flat.returns.flatten()
+    with pytest.raises(ValueError, match="shape"):
+        next(flat.minibatches(2, torch.Generator()))
+    stale = with_targets(RolloutBuffer(T, N))
+    stale.add(**step_data(0))  # new data makes earlier targets stale
+    assert stale.advantages is None
     full = filled()
     with pytest.raises(RuntimeError, match="full"):
         full.add(**step_data(0))

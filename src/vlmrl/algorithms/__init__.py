@@ -1,4 +1,4 @@
-"""The PPO maths: pure tensor functions with their shapes in the docstrings, no model, no env."""
+"""The maths: pure functions (tensor shapes in the docstrings), no model, no env."""
 
 from vlmrl.algorithms.gae import gae
 from vlmrl.algorithms.ppo import (
@@ -11,9 +11,11 @@ from vlmrl.algorithms.ppo import (
     ppo_loss,
     value_loss,
 )
+from vlmrl.algorithms.schedule import cosine_schedule
 
 __all__ = [
     "PPOLoss",
+    "cosine_schedule",
     "entropy_from_logits",
     "explained_variance",
     "gae",

@@ -1,10 +1,11 @@
-"""The rollout buffer: num_steps x num_envs VLM transitions, advantages, shuffled minibatches.
+"""The rollout buffer: num_steps x num_envs VLM transitions, their advantages, shuffled minibatches.
 
-It knows nothing of the policy: it stores what the collector hands it (images, prompt text, the
-sampled response as token ids and text, the rollout-time log-prob and value) and gives it back as
-``RolloutBatch`` tuples for the PPO epochs. Per-step scalars live in [T, N] tensors (T = num_steps,
-N = num_envs); per-step objects (images, strings, variable-length ids) live in flat lists indexed
-``t * num_envs + env``, the same order as ``tensor.flatten()``.
+It knows nothing of the policy nor of the maths: it stores what the collector hands it (images,
+prompt text, the sampled response as token ids and text, the rollout-time log-prob and value), holds
+the ``advantages`` and ``returns`` the trainer computes from its tensors (GAE, ``vlmrl.algorithms``),
+and gives it all back as ``RolloutBatch`` tuples for the PPO epochs. Per-step scalars live in [T, N]
+tensors (T = num_steps, N = num_envs); per-step objects (images, strings, variable-length ids) live
+in flat lists indexed ``t * num_envs + env``, the same order as ``tensor.flatten()``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
-
-from vlmrl.algorithms import gae, normalize_advantages
 
 
 class RolloutBatch(NamedTuple):
@@ -29,7 +28,7 @@ class RolloutBatch(NamedTuple):
     response_texts: list[str]  # B decoded responses
     old_logprob: Tensor  # [B] (CoT-weighted) log-prob of the response at rollout time
     old_value: Tensor  # [B] value at rollout time
-    advantages: Tensor  # [B] GAE advantages (normalised over the whole buffer when asked)
+    advantages: Tensor  # [B] the buffer's advantages (as the trainer set them: GAE, normalised)
     returns: Tensor  # [B] advantages + values, the value target
     valid: Tensor  # [B] bool, the response parsed into a legal action
     ref_logprob: Tensor | None  # [B] log-prob under the reference policy, if it was stored
@@ -57,6 +56,7 @@ class RolloutBuffer:
         # V(final observation) of an episode cut by a time limit at that step; 0 elsewhere.
         self.final_values = torch.zeros(T, N)
         self.ref_logprobs: Tensor | None = None  # allocated on the first step that brings them
+        # [T, N], set by the trainer once the buffer is full (the value target: advantages + values)
         self.advantages: Tensor | None = None
         self.returns: Tensor | None = None
         self.images: list[np.ndarray | None] = []
@@ -142,32 +142,23 @@ class RolloutBuffer:
         self.step += 1
         self.advantages = self.returns = None  # stale once data changes
 
-    def compute_advantages(self, last_value: Sequence[float] | Tensor, *, gamma: float, lam: float) -> None:
-        """Fill ``advantages`` and ``returns`` ([T, N]) with GAE; ``last_value`` is V(s_T), [N]."""
-        if not self.full:
-            raise RuntimeError(f"buffer holds {self.step} of {self.num_steps} steps; fill it first")
-        last = _row(last_value, self.num_envs, "last_value", torch.float32)
-        self.advantages, self.returns = gae(
-            self.rewards, self.values, self.terminated, self.truncated, last, self.final_values,
-            gamma=gamma, lam=lam,
-        )
-
-    def minibatches(
-        self, batch_size: int, generator: torch.Generator, normalize: bool = True
-    ) -> Iterator[RolloutBatch]:
+    def minibatches(self, batch_size: int, generator: torch.Generator) -> Iterator[RolloutBatch]:
         """One epoch: every transition once, in an order drawn from ``generator``.
 
-        The last minibatch is smaller when ``batch_size`` does not divide T * N. With ``normalize``
-        the advantages are normalised over the whole buffer (as the paper's code does), so every
-        minibatch and every epoch sees the same targets.
+        The last minibatch is smaller when ``batch_size`` does not divide T * N. ``advantages`` and
+        ``returns`` must be set first, [T, N] each.
         """
+        if not self.full:
+            raise RuntimeError(f"buffer holds {self.step} of {self.num_steps} steps; fill it first")
         if self.advantages is None or self.returns is None:
-            raise RuntimeError("call compute_advantages() before minibatches()")
+            raise RuntimeError("set the buffer's advantages and returns before minibatches()")
+        shape = (self.num_steps, self.num_envs)
+        if tuple(self.advantages.shape) != shape or tuple(self.returns.shape) != shape:
+            raise ValueError(f"advantages and returns must have shape {shape}, got "
+                             f"{tuple(self.advantages.shape)} and {tuple(self.returns.shape)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         advantages = self.advantages.flatten()
-        if normalize:
-            advantages = normalize_advantages(advantages)
         returns = self.returns.flatten()
         logprobs, values, valid = self.logprobs.flatten(), self.values.flatten(), self.valid.flatten()
         ref = None if self.ref_logprobs is None else self.ref_logprobs.flatten()
