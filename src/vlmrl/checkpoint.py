@@ -33,6 +33,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from vlmrl.files import write_atomic
+
 PREFIX = "checkpoint-"
 LATEST = "latest"
 META = "meta.json"
@@ -114,7 +116,7 @@ def save_checkpoint(
             _remove(final)
         os.rename(tmp, final)
         _fsync_dir(run)
-        _write_atomic(run / LATEST, final.name + "\n")
+        write_atomic(run / LATEST, final.name + "\n")
         if keep is not None:
             for _, path in list_checkpoints(run)[:-keep]:
                 if path != final:
@@ -148,7 +150,7 @@ def latest_checkpoint(run_dir: str | os.PathLike, clean: bool = True) -> Path | 
         return None
     if clean:
         for path in run.iterdir():
-            if path.name.startswith((_TMP, _TRASH)) or path.name == LATEST + ".tmp":
+            if path.name.startswith((_TMP, _TRASH, f".{LATEST}.")):  # debris of interrupted saves
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
@@ -250,16 +252,6 @@ def _remove(path: Path) -> None:
     trash = path.with_name(f"{_TRASH}{path.name[len(PREFIX):]}-{uuid.uuid4().hex[:8]}")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _fsync_tree(root: Path) -> None:

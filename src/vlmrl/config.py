@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlmrl.errors import UserError
+from vlmrl.files import write_atomic
 from vlmrl.seeds import DEMO_STRIDE, HELD_OUT_SEED_BASE
 
 
@@ -494,12 +495,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write ``to_dict(cfg)`` as indented JSON (atomically: tmp file + replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
 def _read_source(source: Mapping[str, Any] | str | os.PathLike | None) -> dict[str, Any]:

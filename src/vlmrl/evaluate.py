@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vlmrl.errors import UserError
+from vlmrl.files import write_atomic
 from vlmrl.metrics import wilson_interval
 from vlmrl.seeds import held_out_seed
 from vlmrl.tasks import Task
@@ -268,8 +269,4 @@ def evaluate(
 
 
 def write_json(result: EvalResult, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(result.to_json(), indent=2) + "\n")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmrl.errors import UserError
+from vlmrl.files import filter_jsonl
 
 # every name the trainer logs, one constant each (CleanRL's names where CleanRL has one)
 EPISODES = "charts/episodes"
@@ -152,25 +153,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def truncate_metrics(path: str | os.PathLike, max_step: int) -> int:
     """Keep only the complete lines with step <= ``max_step`` (atomically); return how many stay."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # torn line from a crash
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= max_step:
-                kept.append(json.dumps(row) + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return len(kept)
+    return filter_jsonl(path, lambda row: isinstance(row.get("step"), int) and row["step"] <= max_step)
 
 
 def plot_learning_curve(

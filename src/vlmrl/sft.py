@@ -37,6 +37,7 @@ from vlmrl.algorithms import cosine_schedule
 from vlmrl.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from vlmrl.config import SFTConfig, validate
 from vlmrl.errors import UserError
+from vlmrl.files import write_atomic
 from vlmrl.policy.hf import quiet_library_bars
 from vlmrl.policy.presets import resolve_model
 from vlmrl.tasks import Task, get_task, require_expert
@@ -239,7 +240,7 @@ def _train(cfg: SFTConfig, task: Task, callback: Callable[[int, Any], None] | No
     model, processor = policy.model, policy.processor  # model: the peft wrapper under LoRA
     set_cpu_threads(policy, cfg.threads)  # run_sft restores the process's thread count
     if not resume:  # only now: settings that fail to load (model, image_size) leave no folder behind
-        _write_atomic(out / CONFIG_FILE, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        write_atomic(out / CONFIG_FILE, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     if demos is None and task.text_only:
         demos = cached_demonstrations(task, cfg.episodes, cfg.random_action_fraction, cfg.cot, cfg.seed, cfg.env_kwargs)
     elif demos is None:
@@ -329,13 +330,6 @@ def _writer(model, processor, opt, sched, gen, extra: dict[str, Any]):
                    folder / STATE_FILE)
 
     return write
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # a kill leaves the old file or the new one, never half of one
 
 
 def save_final(model: Any, processor: Any, out: Path, summary: dict[str, Any], losses: Sequence[float] = ()) -> None:

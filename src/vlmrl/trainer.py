@@ -33,6 +33,7 @@ from vlmrl.algorithms import PPOLoss, cosine_schedule, explained_variance, gae, 
 from vlmrl.checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state, save_checkpoint
 from vlmrl.config import RUN_OWNED_POLICY_FIELDS, PolicyConfig, PPOConfig, TrainConfig, save_config
 from vlmrl.errors import UserError
+from vlmrl.files import filter_jsonl
 from vlmrl.metrics import MetricsLogger, plot_learning_curve
 from vlmrl.rollout import RolloutBatch, RolloutBuffer
 from vlmrl.rollout.collect import Collector
@@ -537,19 +538,7 @@ def _diverged(what: str, run_dir: Path) -> str:
 
 def _truncate_samples(path: Path, max_update: int) -> None:
     """On resume, drop the samples of updates after the checkpoint (they are collected again)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # torn line from a crash
-        if isinstance(row, dict) and isinstance(row.get("update"), int) and row["update"] <= max_update:
-            kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(path)
+    filter_jsonl(path, lambda row: isinstance(row.get("update"), int) and row["update"] <= max_update)
 
 
 def _write_samples(run_dir: Path, update: int, buffer: RolloutBuffer, n: int, images: bool = False) -> None:

@@ -56,6 +56,6 @@ def test_gigpo_compares_states_only_within_a_group():
 
 def test_truncated_episodes_count_what_they_collected():
     # no bootstrap value: a time-limit episode of two steps returns 0.5 + 0.5 = 1, like a finished one
-    rewards, episode, step = t(0.5, 0.5, 1.0), i(0, 0, 1), i(0, 1, 0)
+    rewards, episode = t(0.5, 0.5, 1.0), i(0, 0, 1)
     assert episode_returns(rewards, episode, 2).tolist() == [1, 1]
     assert grpo_advantages(episode_returns(rewards, episode, 2), i(0, 0)).tolist() == [0, 0]

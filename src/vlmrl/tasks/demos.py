@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from vlmrl.errors import UserError
+from vlmrl.files import write_atomic
 from vlmrl.seeds import demo_seed
 from vlmrl.tasks.base import Task, observation_image
 
@@ -114,10 +115,8 @@ def cached_demonstrations(
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return [Demo(None, r["prompt"], r["response"], r["expert"]) for r in rows]
     demos = collect_demonstrations(task, episodes, random_action_fraction, cot, seed, env_kwargs=env_kwargs)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps({"prompt": d.prompt, "response": d.response, "expert": d.expert}) + "\n" for d in demos))
-    tmp.replace(path)  # atomic: a reader sees all of it or none
+    write_atomic(path, "".join(json.dumps({"prompt": d.prompt, "response": d.response, "expert": d.expert}) + "\n"
+                               for d in demos))  # a concurrent reader sees all of it or none
     return demos
 
 
