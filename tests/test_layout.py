@@ -13,7 +13,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "vlmrl"
 # the pipeline: tasks -> policy -> rollout -> algorithms -> trainer -> cli, on a foundation of
 # plain utilities that import nothing above them
 LAYERS = [
-    ("foundation", {"vlmrl", "vlmrl.errors", "vlmrl.config", "vlmrl.checkpoint", "vlmrl.metrics"}),
+    ("foundation", {"vlmrl", "vlmrl.errors", "vlmrl.config", "vlmrl.checkpoint", "vlmrl.metrics", "vlmrl.files",
+                    "vlmrl.seeds"}),
     ("tasks", {"vlmrl.tasks"}),
     ("policy", {"vlmrl.policy"}),
     ("rollout", {"vlmrl.rollout", "vlmrl.evaluate", "vlmrl.render"}),
