@@ -14,13 +14,7 @@ from pathlib import Path
 import pytest
 
 from vlmrl.cli import main
-from vlmrl.policy.tiny import build_tiny_vlm
 from vlmrl.tasks.formula import FormulaError, evaluate
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture(scope="module")

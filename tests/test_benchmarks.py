@@ -15,7 +15,6 @@ import torch
 
 from vlmrl import demo
 from vlmrl.errors import UserError
-from vlmrl.policy.tiny import build_tiny_vlm
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -26,11 +25,6 @@ def load_script(name):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return str(build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 @pytest.fixture
@@ -77,7 +71,8 @@ def test_learning_table_runs_both_cot_modes(tiny_model, tmp_path, capsys, one_th
     out = tmp_path / "table"
     summary = learning.main(["--tasks", "NumberLine", "--budget", "0.01", "--episodes", "2", "--model", tiny_model,
                              "--out", str(out), "--quiet", "--set", "train.num_envs=2", "train.num_steps=1",
-                             "train.max_new_tokens=6", "train.tensorboard=false", "sft.batch_size=4"])
+                             "train.max_new_tokens=6", "train.tensorboard=false", "sft.batch_size=4",
+                             "ppo.minibatch_size=2", "ppo.grad_accum_steps=1"])
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| NumberLine |")]
     assert len(rows) == 2 and "| yes | 89.4 |" in rows[0] and "| no | 26.9 |" in rows[1]

@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from vlmrl.metrics import read_metrics
-from vlmrl.policy.tiny import build_tiny_vlm
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_DDP = ROOT / "configs" / "accelerate" / "cpu_ddp.yaml"
@@ -70,11 +69,6 @@ RUN = {
     "ppo": {"lr": 1e-3, "epochs": 1, "minibatch_size": 2, "grad_accum_steps": 1, "max_grad_norm": 1.0},
     "policy": {"finetune": "full", "train_vision": True},
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 def _free_port() -> int:

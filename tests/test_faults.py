@@ -31,7 +31,6 @@ from vlmrl.checkpoint import latest_checkpoint, list_checkpoints
 from vlmrl.cli import main
 from vlmrl.config import load_config, TrainConfig
 from vlmrl.metrics import read_metrics
-from vlmrl.policy.tiny import build_tiny_vlm
 
 UPDATES = 3
 RUN = {
@@ -41,11 +40,6 @@ RUN = {
     "policy": {"finetune": "full", "train_vision": True},
 }
 TIMINGS = ("charts/env_steps_per_second", "charts/tokens_per_second", "charts/update_seconds", "time")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture(scope="module")

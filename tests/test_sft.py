@@ -10,7 +10,6 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlmrl.policy  # noqa: F401
 from vlmrl.errors import UserError
-from vlmrl.policy.tiny import build_tiny_vlm, task_texts
 from vlmrl.sft import (
     IGNORE,
     SFTConfig,
@@ -27,9 +26,9 @@ from vlmrl.tasks import get_task
 TASK = get_task("NumberLine")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_vlm(tmp_path_factory.mktemp("tiny"), texts=task_texts(episodes=3, max_steps=3, tasks=["NumberLine"]))
+@pytest.fixture
+def tiny(tiny_numberline):
+    return tiny_numberline
 
 
 def test_demonstrations_are_seeded_and_mix_random_actions():
