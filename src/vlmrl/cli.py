@@ -99,7 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     episodes = cfg.episodes if cfg.episodes or once else 100
     policy = make_policy(cfg.policy, task, cfg)
     result = evaluate(task, policy, episodes, seed=cfg.seed, num_envs=cfg.num_envs, env_kwargs=cfg.env_kwargs,
-                      progress=not args.quiet, each_game_once=once)
+                      progress=not args.quiet, each_game_once=once, history_length=cfg.history_length)
     print(result.table())
     if args.json:
         write_json(result, args.json)

@@ -23,7 +23,7 @@ from vlmrl.files import write_atomic
 from vlmrl.metrics import wilson_interval
 from vlmrl.seeds import held_out_seed
 from vlmrl.tasks import Task
-from vlmrl.tasks.base import episode_success, observation_image
+from vlmrl.tasks.base import Memory, episode_success, observation_image
 from vlmrl.tasks.parsing import parse_action
 
 
@@ -173,6 +173,7 @@ def evaluate(
     progress: bool = True,
     keep_samples: int = 3,
     each_game_once: bool = False,
+    history_length: int = 0,
 ) -> EvalResult:
     """Play ``episodes`` held-out episodes, ``num_envs`` at a time (one batched ``act`` per step).
 
@@ -181,6 +182,8 @@ def evaluate(
     ``each_game_once``: for envs with a fixed list of games (ALFWorld's ``games``), episode i plays
     game i (``reset(options={"game": i})``) instead of a seeded draw, so ``episodes=None`` plays the
     whole split exactly once, as a benchmark evaluation should (and N its first N games).
+    ``history_length`` K: the prompt carries the episode's last K steps (``tasks.base.Memory``),
+    as the policy was trained with.
     """
     if (episodes is None and not each_game_once) or (episodes is not None and episodes <= 0):
         raise ValueError("episodes must be positive (None only with each_game_once: every game)")
@@ -217,7 +220,8 @@ def evaluate(
         s = held_out_seed(seed, next_episode)
         options = {"game": next_episode} if each_game_once else None
         obs, info = envs[k].reset(seed=s, options=options)
-        slots[k] = {"obs": obs, "info": info, "ret": 0.0, "len": 0, "rng": np.random.default_rng(s)}
+        slots[k] = {"obs": obs, "info": info, "ret": 0.0, "len": 0, "rng": np.random.default_rng(s),
+                    "memory": Memory(task, history_length)}
         next_episode += 1
 
     for k in range(len(envs)):
@@ -226,14 +230,16 @@ def evaluate(
     try:
         while any(slots):
             active = [k for k, s in enumerate(slots) if s is not None]
-            texts = policy.act([slots[k]["obs"] for k in active], [slots[k]["info"] for k in active])
-            for k, text in zip(active, texts):
+            seen = [slots[k]["memory"].view(slots[k]["info"]) for k in active]
+            texts = policy.act([slots[k]["obs"] for k in active], seen)
+            for k, text, seen_info in zip(active, texts, seen):
                 slot = slots[k]
                 words = task.legal_actions(slot["info"])
                 parsed = parse_action(text, words, slot["rng"])
+                slot["memory"].record(slot["info"], words[parsed.action])
                 obs, reward, terminated, truncated, info = envs[k].step(parsed.action)
                 if len(samples) < keep_samples:
-                    samples.append({"prompt": task.prompt(slot["info"]), "response": text, "reward": float(reward)})
+                    samples.append({"prompt": task.prompt(seen_info), "response": text, "reward": float(reward)})
                 invalid += not parsed.valid
                 steps += 1
                 slot.update(obs=obs, info=info, ret=slot["ret"] + float(reward), len=slot["len"] + 1)

@@ -242,10 +242,11 @@ def _train(cfg: SFTConfig, task: Task, callback: Callable[[int, Any], None] | No
     if not resume:  # only now: settings that fail to load (model, image_size) leave no folder behind
         write_atomic(out / CONFIG_FILE, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     if demos is None and task.text_only:
-        demos = cached_demonstrations(task, cfg.episodes, cfg.random_action_fraction, cfg.cot, cfg.seed, cfg.env_kwargs)
+        demos = cached_demonstrations(task, cfg.episodes, cfg.random_action_fraction, cfg.cot, cfg.seed, cfg.env_kwargs,
+                                      history_length=cfg.history_length)
     elif demos is None:
         demos = collect_demonstrations(task, cfg.episodes, cfg.random_action_fraction, cfg.cot, cfg.seed,
-                                       env_kwargs=cfg.env_kwargs)
+                                       env_kwargs=cfg.env_kwargs, history_length=cfg.history_length)
     demos = [d for d in demos if d.expert or not cfg.expert_only]
     if not demos:
         raise UserError(f"sft: no demonstrations collected for {task.name}: raise episodes")

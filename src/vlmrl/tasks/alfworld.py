@@ -48,7 +48,7 @@ import gymnasium as gym
 from gymnasium import spaces
 
 from vlmrl.errors import UserError
-from vlmrl.tasks.base import Info, Task, discrete_actions
+from vlmrl.tasks.base import MEMORY_KEY, Info, Task, discrete_actions, memory_text
 
 TASK_TYPES = (
     "pick_and_place_simple",
@@ -478,6 +478,11 @@ class ALFWorldTask(Task):
     def read_state(self, info: Info) -> tuple[str, ...]:
         return ()
 
+    def state_key(self, info: Info) -> tuple[str, str, tuple[str, ...]]:
+        # what the agent is shown: the goal, the observation text and the admissible commands (the
+        # observation alone would make every "Nothing happens." one state, wherever the agent stands)
+        return info["goal"], info["observation"], tuple(info["admissible_commands"])
+
     def expert_action(self, info: Info) -> int:
         command = info.get("expert_action")
         if command is None:
@@ -498,15 +503,21 @@ class ALFWorldTask(Task):
             f"Admissible commands:\n{commands}"
         )
 
+    def step_text(self, info: Info) -> str:
+        # a remembered step keeps what was seen, not the (long) list of commands of that step
+        return info["observation"]
+
     def prompt(self, info: Info, cot: bool = True) -> str:
         # As the base prompt, but the commands are listed once (in info_text), not again in the hint.
         fields: dict[str, str] = {}
         if cot:
             fields["thoughts"] = "<reason step by step from the observation to the next command>"
         fields["action"] = "<one admissible command, copied exactly>"
+        memory = [memory_text(info[MEMORY_KEY])] if info.get(MEMORY_KEY) else []
         return "\n".join(
             [
                 f"You are playing {self.name}. {self.describe(info)}",
+                *memory,
                 self.info_text(info),
                 "Answer with one JSON object and nothing else, in this format:",
                 json.dumps(fields, ensure_ascii=False),

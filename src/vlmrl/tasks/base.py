@@ -14,7 +14,9 @@ What RL needs (PPO, and ``vlmrl eval`` of a model or of ``--policy random``), ev
   index -> word, one per action of its ``Discrete`` space) and puts them in every info as
   ``info["action_words"]``; ``make_env`` refuses an env whose words do not match its action space;
 - success: ``episode_success(info, return)``, the env's ``info["won"]`` where it reports one, else
-  return > 0 (RL4VLM).
+  return > 0 (RL4VLM);
+- optionally ``state_key(info)``: a hashable key of the true state, equal for identical states, which
+  GiGPO needs to compare steps taken from the same state (default None: no key).
 
 What SFT needs, an OPTIONAL expert (``has_expert`` is True when a subclass defines ``expert_action``):
 
@@ -34,7 +36,7 @@ The action-only variant (``cot=False``, the paper's ablation) keeps just ``"acti
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -123,6 +125,23 @@ class Task:
         """``state_fields`` for this env; override where a hint depends on env options."""
         return self.state_fields
 
+    # --- RL side: grouping identical states (GiGPO) ------------------------------------------------
+    def state_key(self, info: Info) -> Hashable | None:
+        """A hashable key, equal exactly when two infos are the same state of the game; None: no key.
+
+        GiGPO (``ppo.advantage = "gigpo"``) compares the steps of one group taken from identical
+        states, so a key must hold everything the next rewards depend on that the agent can see
+        (e.g. NumberLine's current and target numbers), and nothing that differs between two ways of
+        reaching the same state (the path, the step count). The default, None, means the task has
+        none: a GiGPO run then refuses to start. Read only ``info``, like everything else here.
+        """
+        return None
+
+    @property
+    def has_state_key(self) -> bool:
+        """Whether this task's class overrides ``state_key`` (needed by GiGPO)."""
+        return type(self).state_key is not Task.state_key
+
     # --- shared ----------------------------------------------------------------------------------
     def legal_actions(self, info: Info) -> Sequence[str]:
         """The words that are legal now, action index -> word: the env's ``info["action_words"]``
@@ -195,12 +214,19 @@ class Task:
             fields["thoughts"] = "<reason step by step from the state to the action>"
         fields["action"] = f"<one of: {words}>"
         lines = [f"You are playing {self.name}. {self.describe(info)}"]
+        if info.get(MEMORY_KEY):
+            lines.append(memory_text(info[MEMORY_KEY]))
         extra = self.info_text(info)
         if extra:
             lines.append(extra)
         lines.append("Answer with one JSON object and nothing else, in this format:")
         lines.append(_to_json(fields))
         return "\n".join(lines)
+
+    def step_text(self, info: Info) -> str:
+        """What a remembered step says about its observation, in prompts with memory
+        (``history_length`` > 0); the info text by default, may be ''."""
+        return self.info_text(info)
 
     def response(self, info: Info, action: int, cot: bool = True) -> str:
         """The answer a perfect reader writes when it takes ``action`` (used for demonstrations)."""
@@ -214,6 +240,46 @@ class Task:
 
     def expert_response(self, info: Info, cot: bool = True) -> str:
         return self.response(info, self.expert_action(info), cot)
+
+
+# --- memory: the last K steps of the episode in the prompt -------------------------------------------
+#: the info key under which ``Memory.view`` puts the recent steps; ``Task.prompt`` reads it
+MEMORY_KEY = "recent_steps"
+
+
+class Memory:
+    """The last ``length`` steps of one episode, as (step text, action word) pairs, oldest first.
+
+    Whoever steps an env (rollouts, evaluation, demonstrations) keeps one per env: ``view(info)``
+    before prompting, ``record(info, word)`` after choosing the action, ``clear()`` at a reset. The
+    steps travel inside the info (``info[MEMORY_KEY]``), so a prompt, a stored transition and an expert
+    all see the same thing. With ``length`` 0 the info is returned unchanged (the paper's prompt).
+    """
+
+    def __init__(self, task: Task, length: int):
+        if length < 0:
+            raise UserError(f"history_length must be >= 0, got {length}")
+        self.task, self.length = task, length
+        self.steps: list[tuple[str, str]] = []
+
+    def clear(self) -> None:
+        self.steps = []
+
+    def record(self, info: Info, word: str) -> None:
+        if self.length:
+            self.steps = (self.steps + [(self.task.step_text(info), word)])[-self.length:]
+
+    def view(self, info: Info) -> Info:
+        return dict(info, **{MEMORY_KEY: tuple(self.steps)}) if self.length else info
+
+
+def memory_text(steps: Sequence[tuple[str, str]]) -> str:
+    """The recent steps as prompt lines, oldest first."""
+    lines = [f"Your last {len(steps)} step{'s' if len(steps) != 1 else ''}, oldest first:"]
+    for k, (text, word) in enumerate(steps, 1):
+        seen = " ".join(text.split())  # one line per step
+        lines.append(f"{k}. {seen + ' -> ' if seen else ''}action: {word}")
+    return "\n".join(lines)
 
 
 def require_expert(task: Task, what: str) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from vlmrl.errors import UserError
 from vlmrl.files import write_atomic
 from vlmrl.seeds import demo_seed
-from vlmrl.tasks.base import Task, observation_image
+from vlmrl.tasks.base import Memory, Task, observation_image
 
 
 @dataclass
@@ -43,6 +43,7 @@ def collect_demonstrations(
     seed: int = 0,
     max_steps: int = 100,
     env_kwargs: dict[str, Any] | None = None,
+    history_length: int = 0,
 ) -> list[Demo]:
     """Play ``episodes`` seeded episodes; at each step take a random action with the given probability
     (uniform over ``task.random_actions(info)``: every legal action unless the task narrows it).
@@ -53,7 +54,8 @@ def collect_demonstrations(
     distinct games instead, in an order shuffled by ``seed`` so that every task type is covered (a
     seeded draw would repeat games, and loading a new one costs about a second). An episode ends
     early where the expert has no answer (ALFWorld's walkthrough after a random action changed the
-    world).
+    world). ``history_length`` K puts the episode's last K steps in each prompt (``Memory``), so
+    that SFT teaches the prompt that rollouts with memory will show.
     """
     if not 0.0 <= random_action_fraction <= 1.0:
         raise UserError(f"random_action_fraction must be in [0, 1], got {random_action_fraction}")
@@ -68,6 +70,7 @@ def collect_demonstrations(
         for i in range(episodes):
             options = {"game": order[i]} if games is not None else None
             obs, info = env.reset(seed=demo_seed(seed, i), options=options)
+            memory = Memory(task, history_length)
             for _ in range(max_steps):
                 try:
                     expert = task.expert_action(info)
@@ -77,7 +80,10 @@ def collect_demonstrations(
                 if rng.random() < random_action_fraction:
                     choices = task.random_actions(info)
                     action = int(choices[int(rng.integers(len(choices)))])
-                demos.append(Demo(observation_image(obs), task.prompt(info, cot), task.response(info, action, cot), action == expert))
+                seen = memory.view(info)
+                demos.append(Demo(observation_image(obs), task.prompt(seen, cot), task.response(seen, action, cot),
+                                  action == expert))
+                memory.record(info, task.legal_actions(info)[action])
                 obs, _, terminated, truncated, info = env.step(action)
                 if terminated or truncated:
                     break
@@ -97,6 +103,7 @@ def cached_demonstrations(
     seed: int = 0,
     env_kwargs: dict[str, Any] | None = None,
     cache_dir: str | os.PathLike | None = None,
+    history_length: int = 0,
 ) -> list[Demo]:
     """``collect_demonstrations`` for a text-only task, kept as JSON lines under ``cache_dir``.
 
@@ -107,14 +114,15 @@ def cached_demonstrations(
     if not task.text_only:
         raise UserError(f"{task.name} has image observations: call collect_demonstrations (images are not cached)")
     spec = [DEMO_CACHE_VERSION, task.name, episodes, random_action_fraction, cot, seed, env_kwargs or {},
-            inspect.getsource(type(task))]
+            inspect.getsource(type(task))] + ([history_length] if history_length else [])
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = Path(cache_dir or os.environ.get("VLMRL_CACHE") or Path.home() / ".cache" / "vlmrl") / "demos"
     path = root / f"{task.name}-{episodes}-{digest}.jsonl"
     if path.is_file():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return [Demo(None, r["prompt"], r["response"], r["expert"]) for r in rows]
-    demos = collect_demonstrations(task, episodes, random_action_fraction, cot, seed, env_kwargs=env_kwargs)
+    demos = collect_demonstrations(task, episodes, random_action_fraction, cot, seed, env_kwargs=env_kwargs,
+                                   history_length=history_length)
     write_atomic(path, "".join(json.dumps({"prompt": d.prompt, "response": d.response, "expert": d.expert}) + "\n"
                                for d in demos))  # a concurrent reader sees all of it or none
     return demos
