@@ -26,6 +26,8 @@ from vlmrl.seeds import DEMO_STRIDE, HELD_OUT_SEED_BASE
 
 
 POLICY_DTYPES = ("fp32", "bf16")
+# ppo.advantage: PPO's GAE, or a group estimator of vlmrl.algorithms.group (no value function)
+ADVANTAGES = ("gae", "grpo", "rloo", "gigpo")
 FINETUNE_MODES = ("lora", "full", "none")
 
 
@@ -56,6 +58,8 @@ class PolicyConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
+    # after `"action": "` only this step's legal words (then `"}` and the stop token) may be sampled
+    constrained_actions: bool = False
     # seeds the value head and LoRA initialisation
     seed: int = 0
     # "cpu", "cuda", ...; None: cuda when available
@@ -122,8 +126,21 @@ class PPOConfig:
     target_kl: float | None = None
     # Subtracted from the reward of a step whose response did not parse to a legal action (0: off).
     invalid_action_penalty: float = 0.0
-    # Normalise advantages over the whole rollout before the epochs (paper's code: yes).
+    # Normalise advantages over the whole rollout before the epochs (paper's code: yes). GAE only: the
+    # group estimators normalise within their groups (normalize_group_std) and are used as they come.
     normalize_advantages: bool = True
+    # Credit assignment: "gae" (PPO's value function, GAE) or a group estimator without a value function
+    # (no value loss, value head frozen): "grpo", "rloo" or "gigpo" (vlmrl.algorithms.group). A group
+    # run plays whole episodes from shared starts: each update the G envs of a group reset with one seed
+    # and play one episode each, cut after num_steps steps (set num_steps to the task's episode limit).
+    advantage: Literal["gae", "grpo", "rloo", "gigpo"] = "gae"
+    # G, episodes per group (envs that start from the same state each update); 1 with "gae".
+    group_size: int = 1
+    # GiGPO's omega: weight of the step-level advantage (identical states within a group, the task's
+    # state_key) beside the episode-level one; its step returns are discounted by ppo.gamma.
+    gigpo_step_weight: float = 1.0
+    # Divide group advantages by the group's std (GRPO, GiGPO); false: only subtract the mean (Dr. GRPO).
+    normalize_group_std: bool = True
 
     def __post_init__(self) -> None:
         _check_now(self)
@@ -150,6 +167,9 @@ class TrainConfig:
     seed: int = 1
     # Chain-of-thought prompt and answer (the paper's method); False: action only (its ablation).
     cot: bool = True
+    # Memory: the prompt carries the episode's last K steps (step text and action taken); 0: none,
+    # as in the paper.
+    history_length: int = 0
     # Sampling temperature (paper: 0.2).
     temperature: float = 0.2
     # Nucleus sampling threshold; 1.0 samples from the full distribution.
@@ -225,6 +245,8 @@ class SFTConfig:
     random_action_fraction: float = 0.0
     # chain-of-thought responses (state fields + thoughts before "action"), else the action only
     cot: bool = True
+    # memory: the prompt carries the episode's last K steps (step text and action); 0: none (the paper)
+    history_length: int = 0
     # learn only the expert's answers: random actions then only take the episode off the expert's
     # path (ALFWorld: detours it recovers from), instead of teaching a deliberately imperfect policy
     expert_only: bool = False
@@ -280,6 +302,8 @@ class EvalConfig:
     max_new_tokens: int | None = None
     # Chain-of-thought prompt; False: the action-only ablation.
     cot: bool = True
+    # Memory: the prompt carries the episode's last K steps, as the policy was trained with; 0: none.
+    history_length: int = 0
     # Keyword arguments for the task's environment, e.g. {"split": "valid_unseen"} for ALFWorld.
     env_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -310,8 +334,12 @@ _CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
         ("kl_coef", lambda v: v >= 0, ">= 0"),
         ("target_kl", lambda v: v > 0, "> 0 (or null for no early stop)"),
         ("invalid_action_penalty", lambda v: v >= 0, ">= 0 (it is subtracted from the reward)"),
+        ("advantage", lambda v: v in ADVANTAGES, "one of " + ", ".join(map(repr, ADVANTAGES))),
+        ("group_size", lambda v: v >= 1, ">= 1"),
+        ("gigpo_step_weight", lambda v: v >= 0, ">= 0"),
     ],
     SFTConfig: [
+        ("history_length", lambda v: v >= 0, ">= 0"),
         ("task", lambda v: bool(v.strip()), "a task name"),
         ("episodes", lambda v: v >= 1, ">= 1"),
         ("random_action_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -330,6 +358,7 @@ _CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
         ("threads", lambda v: v >= 0, ">= 0 (0: automatic)"),
     ],
     EvalConfig: [
+        ("history_length", lambda v: v >= 0, ">= 0"),
         ("episodes", lambda v: v >= 1, ">= 1"),
         ("seed", lambda v: v >= 0, ">= 0"),
         ("num_envs", lambda v: v >= 1, ">= 1"),
@@ -337,6 +366,7 @@ _CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
         ("max_new_tokens", lambda v: v >= 1, ">= 1"),
     ],
     TrainConfig: [
+        ("history_length", lambda v: v >= 0, ">= 0"),
         ("task", lambda v: bool(v.strip()), "a task name"),
         ("num_envs", lambda v: v >= 1, ">= 1"),
         ("num_steps", lambda v: v >= 1, ">= 1"),
@@ -360,6 +390,13 @@ def _cross_checks(cfg: Any, prefix: str) -> list[str]:
     problems = []
     if isinstance(cfg, PPOConfig) and cfg.end_lr > cfg.lr:
         problems.append(f"{prefix}end_lr ({cfg.end_lr}) must be <= {prefix}lr ({cfg.lr})")
+    if isinstance(cfg, PPOConfig) and cfg.advantage != "gae" and cfg.group_size < 2:
+        problems.append(f"{prefix}advantage {cfg.advantage!r} compares the episodes of a group, and a group size "
+                        f"of {cfg.group_size} leaves each episode alone (advantage 0): set {prefix}group_size >= 2")
+    if isinstance(cfg, PPOConfig) and cfg.advantage == "gae" and cfg.group_size > 1:
+        problems.append(f"{prefix}group_size ({cfg.group_size}) means nothing to {prefix}advantage 'gae', which "
+                        f"compares with a value function: set {prefix}advantage to grpo, rloo or gigpo, "
+                        f"or {prefix}group_size to 1")
     if isinstance(cfg, SFTConfig):
         if cfg.steps == 0 and cfg.epochs == 0:
             problems.append(f"{prefix}steps or {prefix}epochs must be > 0")
@@ -372,6 +409,13 @@ def _cross_checks(cfg: Any, prefix: str) -> list[str]:
         if cfg.ppo.minibatch_size > batch:
             problems.append(f"{prefix}ppo.minibatch_size ({cfg.ppo.minibatch_size}) must be <= "
                             f"num_envs * num_steps ({batch}), the transitions in one rollout")
+        if cfg.ppo.group_size >= 1 and cfg.num_envs % cfg.ppo.group_size:
+            problems.append(f"{prefix}num_envs ({cfg.num_envs}) must be a multiple of {prefix}ppo.group_size "
+                            f"({cfg.ppo.group_size}): the envs form num_envs / group_size groups")
+        if cfg.ppo.advantage != "gae" and cfg.policy.finetune == "none":
+            problems.append(f"{prefix}policy.finetune 'none' trains only the value head, which "
+                            f"{prefix}ppo.advantage {cfg.ppo.advantage!r} does not use: nothing would train; "
+                            f"use 'lora' or 'full'")
     return problems
 
 
