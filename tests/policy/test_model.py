@@ -196,7 +196,34 @@ def test_bad_model_paths_raise_user_errors(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(UserError, match="hub id"):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(UserError, match="not in the Hugging Face cache .* HF_HUB_OFFLINE=1"):
         VLMPolicy.load("vlmrl-test/no-such-model")
     with pytest.raises(UserError, match="finetune"):
         PolicyConfig(finetune="qlora")
+
+
+def test_constraints_off_leave_sampling_and_scoring_unchanged(tiny, tmp_path):
+    """Constrained action decoding (policy/constrain.py) switched off, or on without legal words, is
+    bit for bit the unconstrained sampler and scorer; the config switch survives save/load."""
+    path, ims = tiny("qwen2_vl"), images(3)
+    legal = [["+", "-"], ["1", "10"], ["stand", "hit"]]
+    plain = load(path, finetune="none")
+    ref = plain.generate(ims, PROMPTS, max_new_tokens=12, seed=7)
+    on = load(path, finetune="none", constrained_actions=True)
+    runs = [
+        plain.generate(ims, PROMPTS, max_new_tokens=12, seed=7, legal_actions=legal),  # config off
+        plain.generate(ims, PROMPTS, max_new_tokens=12, seed=7, legal_actions=legal, constrained=False),
+        on.generate(ims, PROMPTS, max_new_tokens=12, seed=7),  # on, but no legal words given
+        on.generate(ims, PROMPTS, max_new_tokens=12, seed=7, legal_actions=legal, constrained=False),
+    ]
+    for gen in runs:
+        assert gen.texts == ref.texts and gen.constrained is None and gen.legal_actions is None
+        for name in ("response_ids", "lengths", "logprobs", "sample_logprobs", "values"):
+            assert torch.equal(getattr(gen, name), getattr(ref, name)), name
+    with torch.no_grad():
+        a = plain.evaluate(ims, PROMPTS, ref.response_ids, ref.lengths)
+        b = plain.evaluate(ims, PROMPTS, ref.response_ids, ref.lengths, legal_actions=legal, constrained=False)
+    assert torch.equal(a.token_logprobs, b.token_logprobs) and torch.equal(a.entropy, b.entropy)
+    again = VLMPolicy.load(on.save(tmp_path / "saved"))
+    assert again.config.constrained_actions is True

@@ -34,19 +34,44 @@ def policy_logprobs(logits: torch.Tensor, temperature: float = 1.0, banned: Sequ
     return F.log_softmax(scaled, dim=-1)
 
 
+def constrain_logprobs(logp: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Renormalise a log-distribution over the allowed ids only (constrained action decoding).
+
+    logp [..., V] (from ``policy_logprobs``), allowed [..., V] bool -> [..., V] float32, -inf off the
+    allowed set. The sampler and the scorer both call this, so they agree to the last bit of the op.
+    """
+    return F.log_softmax(logp.masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+def _entropy(logp_all: torch.Tensor) -> torch.Tensor:
+    # excluded entries are -inf with probability 0: zero them so 0 * -inf does not give nan
+    finite = logp_all.masked_fill(torch.isinf(logp_all), 0.0)
+    return -(logp_all.exp() * finite).sum(-1)
+
+
 def token_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, banned: Sequence[int] = ()
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    banned: Sequence[int] = (),
+    masked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each token and the entropy of each position under ``policy_logprobs``.
 
     logits [B, T, V] (position t predicts tokens[:, t]), tokens [B, T] -> (logp [B, T], entropy [B, T]),
-    both float32.
+    both float32. ``masked = (rows [K], cols [K], allowed [K, V] bool)``: at those K positions the
+    distribution is ``constrain_logprobs`` (renormalised over the allowed ids), for the log-prob and
+    the entropy alike; only the K rows are renormalised, so no second [B, T, V] tensor is made.
     """
     logp_all = policy_logprobs(logits, temperature, banned)
     logp = logp_all.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
-    # banned entries are -inf with probability 0: zero them so 0 * -inf does not give nan
-    finite = logp_all.masked_fill(torch.isinf(logp_all), 0.0)
-    entropy = -(logp_all.exp() * finite).sum(-1)
+    entropy = _entropy(logp_all)
+    if masked is not None and masked[0].numel():
+        rows, cols, allowed = (m.to(logits.device) for m in masked)
+        sub = constrain_logprobs(logp_all[rows, cols], allowed)  # [K, V]
+        picked = sub.gather(-1, tokens[rows, cols].long().unsqueeze(-1)).squeeze(-1)
+        logp = logp.index_put((rows, cols), picked)
+        entropy = entropy.index_put((rows, cols), _entropy(sub))
     return logp, entropy
 
 
@@ -171,6 +196,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "action_boundary",
+    "constrain_logprobs",
     "action_key_start",
     "boundary_from_ids",
     "cot_weights",

@@ -9,6 +9,13 @@ Sampling and scoring agree exactly: ``generate`` samples from ``softmax(logits /
 tempered log-prob of every sampled token; ``evaluate`` recomputes the same tempered log-probs in one
 forward pass. Like RL4VLM, the PPO ratio uses the tempered softmax; with ``top_p < 1`` the nucleus
 renormalisation is left out of it (``Generation.sample_logprobs`` holds the nucleus value).
+
+Constrained action decoding (``policy/constrain.py``): with ``PolicyConfig.constrained_actions`` (or
+``constrained=True``) and per-row ``legal_actions``, once a response has written ``"action": "`` only a
+legal word, then ``"}`` and the stop token can be drawn. There the recorded log-prob is that of the
+tempered distribution renormalised over the allowed ids; a nucleus (top_p < 1) is then cut within
+that set (``sample_logprobs``). ``evaluate`` given the same ``legal_actions`` rebuilds the same masks
+from the response ids (``constrain.constraint_masks``) and scores under them, entropy included.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from vlmrl.config import PolicyConfig
 from vlmrl.policy.hf import quiet_library_bars
 from vlmrl.errors import UserError
 from vlmrl.policy import logprob as lp
+from vlmrl.policy.constrain import ActionConstraints, ConstrainedBatch, ConstraintMasks, allowed_matrix
 from vlmrl.policy.input_cache import LRU, InputCache
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -77,6 +85,10 @@ class Generation:
     # [B, N] log-prob under the distribution actually sampled from (top-p nucleus renormalised)
     sample_logprobs: torch.Tensor
     values: torch.Tensor  # [B]
+    # [B, N] True where the token was drawn under the action constraint; None when sampling was free
+    constrained: torch.Tensor | None = None
+    # the legal words per row the constraint used (pass them to evaluate); None when sampling was free
+    legal_actions: list[list[str]] | None = None
 
 
 @dataclass
@@ -113,13 +125,28 @@ class _Sampler(LogitsProcessor):
     positions, per-row EOS stopping).
     """
 
-    def __init__(self, temperature: float, top_p: float, generator: torch.Generator | None, banned: Sequence[int]):
+    def __init__(
+        self,
+        temperature: float,
+        top_p: float,
+        generator: torch.Generator | None,
+        banned: Sequence[int],
+        constraint: ConstrainedBatch | None = None,
+    ):
         self.temperature, self.top_p, self.generator, self.banned = temperature, top_p, generator, banned
+        self.constraint = constraint  # None: free sampling, exactly the unconstrained path
         self.logprobs: list[torch.Tensor] = []
         self.sample_logprobs: list[torch.Tensor] = []
+        self.constrained: list[torch.Tensor] = []  # [B] bool per step (only with a constraint)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logp = lp.policy_logprobs(scores, self.temperature, self.banned)
+        if self.constraint is not None:
+            rows, allowed = self.constraint.step_masks(logp.shape[-1], logp.device)
+            if rows.numel():  # the other rows keep their values bit for bit
+                logp = logp.index_put((rows,), lp.constrain_logprobs(logp[rows], allowed))
+            here = torch.zeros(logp.shape[0], dtype=torch.bool, device=logp.device)
+            self.constrained.append(here.index_fill(0, rows, True))
         if self.temperature <= 0:
             token = logp.argmax(-1)
             nucleus = logp
@@ -130,6 +157,8 @@ class _Sampler(LogitsProcessor):
             token = torch.multinomial(probs.to(device), 1, generator=self.generator).squeeze(-1).to(probs.device)
         self.logprobs.append(logp.gather(-1, token[:, None]).squeeze(-1))
         self.sample_logprobs.append(nucleus.gather(-1, token[:, None]).squeeze(-1))
+        if self.constraint is not None:
+            self.constraint.push(token.tolist())
         forced = torch.full_like(scores, float("-inf"))
         return forced.scatter(-1, token[:, None], 0.0)
 
@@ -172,6 +201,7 @@ class VLMPolicy(nn.Module):
         # speed caches (policy/input_cache.py): processor output per (image, prompt); CoT boundary per response
         self.input_cache = InputCache(self.pad_token_id, left=self.tokenizer.padding_side == "left")
         self.boundary_cache = LRU(max_entries=8192, max_bytes=1 << 62)  # bounded by count: ~2 kB each
+        self._action_constraints: ActionConstraints | None = None  # built on first use (constrain.py)
 
     # --- loading and saving ---------------------------------------------------------------------
     @classmethod
@@ -231,6 +261,38 @@ class VLMPolicy(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.value_head.net[0].weight.device
+
+    @property
+    def action_constraints(self) -> ActionConstraints:
+        """The constrained-decoding machinery for this tokenizer (caches shared by generate and evaluate)."""
+        if self._action_constraints is None:
+            self._action_constraints = ActionConstraints(self.tokenizer, self.stop_token_ids[0])
+        return self._action_constraints
+
+    def _constrained(
+        self, legal_actions: Sequence[Sequence[str]] | None, constrained: bool | None, batch: int
+    ) -> list[list[str]] | None:
+        """The per-row words to enforce, or None for free sampling/scoring.
+
+        ``constrained`` None follows ``config.constrained_actions`` (and without ``legal_actions`` stays
+        free); True needs ``legal_actions``; False is always free.
+        """
+        on = self.config.constrained_actions if constrained is None else constrained
+        if not on:
+            return None
+        if legal_actions is None:
+            if constrained:
+                raise UserError("constrained=True needs legal_actions: one list of legal words per prompt")
+            return None
+        if isinstance(legal_actions, str) or len(legal_actions) != batch:
+            raise UserError(f"give one list of legal words per prompt: got {len(legal_actions)} for {batch} prompts")
+        return [[str(w) for w in words] for words in legal_actions]
+
+    def constraint_masks(
+        self, response_ids: Sequence[Sequence[int]], legal_actions: Sequence[Sequence[str]]
+    ) -> ConstraintMasks:
+        """Where each response was constrained and to which ids (``constrain.constraint_masks``, cached)."""
+        return self.action_constraints.masks(response_ids, legal_actions)
 
     def prompt_texts(self, prompts: Sequence[str], with_image: bool = True) -> list[str]:
         """Each prompt as one user turn through the processor's chat template: image + text, or text
@@ -301,11 +363,19 @@ class VLMPolicy(nn.Module):
         top_p: float | None = None,
         max_new_tokens: int | None = None,
         seed: int | torch.Generator | None = None,
+        legal_actions: Sequence[Sequence[str]] | None = None,
+        constrained: bool | None = None,
     ) -> Generation:
         """Sample one response per prompt (batched, KV cache, each row stops at its EOS).
 
         ``temperature`` 0 is greedy. ``seed`` (an int or a ``torch.Generator``) makes it reproducible;
         None draws from a fresh unseeded generator. The model runs in eval mode (no dropout).
+
+        ``legal_actions`` (one list of words per prompt) with ``constrained`` (None: follow
+        ``config.constrained_actions``) turns on constrained action decoding: after ``"action": "``
+        each row can only write one of its words, ``"}`` and the stop token. ``logprobs`` then hold the
+        renormalised (masked) log-probs there; pass ``Generation.legal_actions`` to ``evaluate``.
+        Without it the sampling is exactly the unconstrained one.
         """
         cfg = self.config
         temperature = cfg.temperature if temperature is None else temperature
@@ -319,8 +389,10 @@ class VLMPolicy(nn.Module):
         elif seed is None:
             generator.seed()
 
+        words = self._constrained(legal_actions, constrained, len(prompts))
+        batch = None if words is None else ConstrainedBatch(self.action_constraints, words, self.stop_token_ids)
         enc = self.encode(images, prompts)
-        sampler = _Sampler(temperature, top_p, generator, self.banned_token_ids)
+        sampler = _Sampler(temperature, top_p, generator, self.banned_token_ids, batch)
         gen_config = GenerationConfig(
             do_sample=False,
             num_beams=1,
@@ -353,7 +425,8 @@ class VLMPolicy(nn.Module):
             skip_special_tokens=True,
             clean_up_tokenization_spaces=False,
         )
-        return Generation(texts, response, lengths, logprobs, sample_logprobs, values)
+        mask = None if batch is None else torch.stack(sampler.constrained, 1) & keep
+        return Generation(texts, response, lengths, logprobs, sample_logprobs, values, mask, words)
 
     # --- scoring --------------------------------------------------------------------------------
     def cot_weights(
@@ -408,12 +481,17 @@ class VLMPolicy(nn.Module):
         lengths: torch.Tensor | Sequence[int] | None = None,
         temperature: float | None = None,
         thought_weight: float | None = None,
+        legal_actions: Sequence[Sequence[str]] | None = None,
+        constrained: bool | None = None,
     ) -> Evaluation:
         """One forward pass: the lambda-weighted action log-prob, the value and the mean entropy.
 
         Log-probs are of ``softmax(logits / temperature)`` with the sampling temperature (config
         default), so a response scored right after ``generate`` reproduces ``Generation.logprobs``.
         For SFT pass texts and ``temperature=1``: ``-token_logprobs.sum() / lengths.sum()`` is the NLL.
+        ``legal_actions`` / ``constrained`` as in ``generate``: responses sampled under the action
+        constraint must be scored with the same words, so the same positions are renormalised over
+        the same ids (log-probs and entropy); a token outside its allowed set is a ``UserError``.
         """
         temperature = self.config.temperature if temperature is None else temperature
         lam = self.config.thought_weight if thought_weight is None else thought_weight
@@ -422,13 +500,21 @@ class VLMPolicy(nn.Module):
         width = int(n.max()) if len(n) else 0
         keep = width + 1  # the last prompt token (value, first prediction) and the response
         extra = {"logits_to_keep": keep} if self._keeps_logits else {}
+        words = self._constrained(legal_actions, constrained, len(prompts))
+        # the masks first: a response not sampled under these words fails before the forward pass
+        cm = None if words is None else self.constraint_masks(enc.response_ids, words)
         with _capture_input(self.hf_model.get_output_embeddings()) as seen:
             out = self.model(**enc.inputs, use_cache=False, **extra)
         logits = out.logits[:, -keep:]
         hidden = seen[-1][:, -keep:]
 
         tokens = enc.inputs["input_ids"][:, enc.inputs["input_ids"].shape[1] - width :]
-        logp_r, ent_r = lp.token_logprobs(logits[:, :-1], tokens, temperature, self.banned_token_ids)  # right-aligned [B, width]
+        masked = None
+        if cm is not None:
+            cols = cm.cols + width - n.cpu()[cm.rows]  # left-aligned -> right-aligned columns
+            masked = (cm.rows, cols, allowed_matrix(cm.allowed, logits.shape[-1]))
+        # right-aligned [B, width]
+        logp_r, ent_r = lp.token_logprobs(logits[:, :-1], tokens, temperature, self.banned_token_ids, masked)
         logp, ent = lp.right_to_left(logp_r, n), lp.right_to_left(ent_r, n)
         rows = torch.arange(len(n), device=hidden.device)
         values = self.value_head(hidden[rows, width - n])

@@ -65,7 +65,10 @@ def hub_snapshot(hub_id: str) -> Path:
     # these later in the process.
     cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME") or os.path.join(Path.home(), ".cache", "huggingface"), "hub")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    from huggingface_hub import constants
+
+    offline = (os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+               or bool(constants.HF_HUB_OFFLINE))
     try:
         folder = snapshot_download(repo, revision=revision or None, cache_dir=cache, local_files_only=offline)
     except LocalEntryNotFoundError:
