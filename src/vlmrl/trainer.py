@@ -1,8 +1,10 @@
 """PPO fine-tuning of a VLM agent: collect -> advantages -> update -> log -> save. Reads top to bottom.
 
-``train`` is the loop; ``rollout_advantages`` turns a full buffer into its GAE targets and
-``ppo_update`` is one update's epochs over minibatches (``benchmarks/throughput.py`` times this same
-function for the README's FLOP/s figure).
+``train`` is the loop; ``rollout_advantages`` turns a full buffer into its GAE targets (or, with
+``ppo.advantage`` "grpo", "rloo" or "gigpo", ``group_advantages`` turns a rollout of whole episodes
+from shared starts into group-relative ones, with no value function) and ``ppo_update`` is one
+update's epochs over minibatches (``benchmarks/throughput.py`` times this same function for the
+README's FLOP/s figure).
 
 One process or many (``accelerate launch``): every rank steps its own envs for a fixed number of
 steps and meets the others only inside the update (gradient all-reduce) and at logging, so ranks
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 
 from vlmrl import metrics as M
 from vlmrl.algorithms import PPOLoss, cosine_schedule, explained_variance, gae, normalize_advantages, ppo_loss
+from vlmrl.algorithms.group import episode_returns, gigpo_advantages, grpo_advantages, rloo_advantages
 from vlmrl.checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state, save_checkpoint
 from vlmrl.config import RUN_OWNED_POLICY_FIELDS, PolicyConfig, PPOConfig, TrainConfig, save_config
 from vlmrl.errors import UserError
@@ -47,6 +50,11 @@ ACCELERATE_STATE = "accelerate"  # the folder of a checkpoint that accelerator.s
 # PPOLoss field -> its logged name, in the order of the metrics file's columns
 _LOSS_METRICS = {"loss": M.LOSS, "policy_loss": M.POLICY_LOSS, "value_loss": M.VALUE_LOSS, "entropy": M.ENTROPY,
                  "approx_kl": M.APPROX_KL, "clipfrac": M.CLIPFRAC, "kl_ref": M.KL_REF}
+# logged by group runs only: the mean over groups of the std of the episode returns within a group
+# (0: no group had a better and a worse episode, so no learning signal), and the episodes cut by the
+# step budget (num_steps) before they ended
+GROUP_RETURN_STD = "charts/group_return_std"
+EPISODES_CUT = "charts/episodes_cut"
 
 
 class TrainingDiverged(RuntimeError):
@@ -92,6 +100,8 @@ class _RolloutReport:
     response_tokens: int
     generate_seconds: float
     collect_seconds: float
+    group_return_stds: list[float] = dataclasses.field(default_factory=list)  # one per group (group runs)
+    cut: int = 0  # episodes cut at num_steps (group runs)
 
 
 def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None = None, *, resume: bool = False,
@@ -112,6 +122,11 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
         resume: continue the run in ``cfg.out_dir`` from its newest checkpoint.
         progress: show a progress bar (rank 0).
         callback: runs on every rank after every update, before the checkpoint.
+
+    With a group estimator (``ppo.advantage`` "grpo", "rloo" or "gigpo") each update plays one
+    episode per env from group starts (``Collector.collect_groups``), the advantages come from
+    ``group_advantages``, there is no value loss, and the value head is frozen (requires_grad False,
+    left out of the optimizer; a policy object passed in is changed so too).
     """
     from accelerate import Accelerator
 
@@ -125,6 +140,7 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
         cfg = dataclasses.replace(cfg, policy=dataclasses.replace(
             policy.config, **{name: getattr(defaults, name) for name in RUN_OWNED_POLICY_FIELDS}))
     ppo = cfg.ppo
+    grouped = ppo.advantage != "gae"
     # cpu=True on a host without CUDA: otherwise accelerate ignores the ranks torchrun started and
     # every process trains alone (DistributedType.NO); with it they join one gloo group.
     accelerator = Accelerator(gradient_accumulation_steps=ppo.grad_accum_steps, cpu=not torch.cuda.is_available())
@@ -134,6 +150,10 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
     torch.manual_seed(cfg.seed * 1000 + rank)
     np.random.seed(cfg.seed * 1000 + rank)
     task = get_task(cfg.task if task is None else task)
+    if ppo.advantage == "gigpo" and not task.has_state_key:
+        raise UserError(f"ppo.advantage 'gigpo' compares steps taken from identical states and task {task.name!r} "
+                        f"has no state key: define state_key(info) on its Task class (a hashable key of the state; "
+                        f"see vlmrl.Task.state_key), or use ppo.advantage grpo or rloo")
 
     # --- where to start from ---------------------------------------------------------------------
     # A half-written checkpoint is never loaded: latest_checkpoint() sees only complete ones. A run
@@ -163,6 +183,8 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
         policy = policy.to(policy_cfg.device)
     else:
         policy = VLMPolicy.load(resolve_model(cfg.model, task), policy_cfg)
+    if grouped:  # no value function: the head stays built (VLMPolicy has one) but never trains
+        policy.value_head.requires_grad_(False)
     optimizer = make_optimizer(policy, ppo)
     span = ppo.lr_schedule_updates or cfg.total_updates
 
@@ -177,7 +199,8 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
     model, optimizer = accelerator.prepare(policy, optimizer)
     policy = accelerator.unwrap_model(model)  # sampling and saving go around the DDP wrapper
 
-    collector = Collector(task, cfg.num_envs, cfg.seed, cfg.cot, rank, env_kwargs=cfg.env_kwargs)
+    collector = Collector(task, cfg.num_envs, cfg.seed, cfg.cot, rank, env_kwargs=cfg.env_kwargs,
+                          group_size=ppo.group_size if grouped else None)
     buffer = RolloutBuffer(cfg.num_steps, cfg.num_envs)
     sampling = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
     shuffling = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 2)
@@ -203,25 +226,32 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
                            wandb_project=cfg.wandb_project, wandb_run=cfg.wandb_run) if main else None
 
     reference = policy.reference if ppo.kl_coef > 0 else None
-    bar = tqdm(total=cfg.total_updates, initial=counters["update"], desc=f"ppo {task.name}",
+    bar = tqdm(total=cfg.total_updates, initial=counters["update"],
+               desc=f"{ppo.advantage if grouped else 'ppo'} {task.name}",
                disable=not (progress and main))
     nan_streak = 0  # non-finite minibatches in a row, across updates
     scope = contextlib.ExitStack()  # what the run changes in the process, undone in `finally`
     scope.enter_context(cpu_threads(policy))
     try:
         for update in range(counters["update"], cfg.total_updates):
-            # 1. collect num_steps x num_envs transitions with the current policy
+            # 1. collect num_steps x num_envs transitions with the current policy (group runs: one
+            #    episode per env from this update's group starts, at most num_steps steps each)
             t0 = time.perf_counter()
             policy.eval()
-            last_value, stats = collector.collect(
-                policy, buffer, temperature=cfg.temperature, top_p=cfg.top_p,
-                max_new_tokens=cfg.max_new_tokens, generator=sampling,
-                invalid_action_penalty=ppo.invalid_action_penalty, reference=reference,
-            )
+            sample_kw = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                             generator=sampling, invalid_action_penalty=ppo.invalid_action_penalty,
+                             reference=reference)
+            if grouped:
+                stats = collector.collect_groups(policy, buffer, update=update, **sample_kw)
+            else:
+                last_value, stats = collector.collect(policy, buffer, **sample_kw)
             collect_seconds = time.perf_counter() - t0
 
             # 2. advantages, then PPO epochs over shuffled minibatches
-            buffer.advantages, buffer.returns = rollout_advantages(buffer, last_value, ppo)
+            if grouped:
+                buffer.advantages, buffer.returns, group_stds = group_advantages(buffer, ppo)
+            else:
+                buffer.advantages, buffer.returns = rollout_advantages(buffer, last_value, ppo)
             t1 = time.perf_counter()
             try:
                 result = ppo_update(model, optimizer, accelerator, buffer, ppo, shuffling,
@@ -242,7 +272,8 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
             # 3. metrics, gathered over ranks (the only other place ranks meet)
             done = collector.pop_finished()
             mine = _RolloutReport(done.returns, done.lengths, done.wins, stats.steps, stats.invalid,
-                                  stats.response_tokens, stats.generate_seconds, collect_seconds)
+                                  stats.response_tokens, stats.generate_seconds, collect_seconds,
+                                  group_stds if grouped else [], stats.cut)
             reports = accelerator.gather_for_metrics([mine], use_gather_object=True)
             returns = [x for r in reports for x in r.returns]
             lengths = [x for r in reports for x in r.lengths]
@@ -265,8 +296,14 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
                 M.PPO_EPOCHS: result.epochs,
                 M.LEARNING_RATE: optimizer.param_groups[0]["lr"],
                 M.NAN_SKIPPED: counters["nan_skipped"],
-                M.EXPLAINED_VARIANCE: explained_variance(buffer.values.flatten(), buffer.returns.flatten()),
             })
+            if grouped:  # no value function: no value loss nor explained variance to show
+                metrics.pop(M.VALUE_LOSS, None)
+                stds = [x for r in reports for x in r.group_return_stds]
+                metrics[GROUP_RETURN_STD] = float(np.mean(stds))
+                metrics[EPISODES_CUT] = sum(r.cut for r in reports)
+            else:
+                metrics[M.EXPLAINED_VARIANCE] = explained_variance(buffer.values.flatten(), buffer.returns.flatten())
             if main and cfg.eval_every and counters["update"] % cfg.eval_every == 0:
                 metrics.update(_held_out(task, policy, cfg))
             if main:
@@ -318,9 +355,50 @@ def rollout_advantages(buffer: RolloutBuffer, last_value: Tensor, ppo: PPOConfig
     return advantages, returns
 
 
+def group_advantages(buffer: RolloutBuffer, ppo: PPOConfig) -> tuple[Tensor, Tensor, list[float]]:
+    """Group-relative advantages of a rollout of whole episodes (``Collector.collect_groups``).
+
+    The real transitions (``buffer.mask``) are laid out flat with their episode, step index, group
+    and state id, and handed to ``vlmrl.algorithms.group``: GRPO and RLOO give every step its
+    episode's advantage; GiGPO adds ``ppo.gigpo_step_weight`` times the step-level one over
+    identical states, its returns-to-go discounted by ``ppo.gamma``. ``ppo.normalize_group_std``
+    divides by the group's std; ``ppo.normalize_advantages`` (a GAE setting) is not applied: a group
+    whose returns are all equal keeps advantage 0. An episode cut at ``num_steps`` counts the
+    rewards it collected (no bootstrap: there is no value function).
+
+    Returns:
+        advantages [T, N] (0 on padding), returns [T, N] (zeros: a placeholder, there is no value
+        target), and the population std of the episode returns of each group (the
+        ``charts/group_return_std`` metric is their mean).
+    """
+    real = buffer.mask.flatten()
+    rewards = buffer.rewards.flatten()[real]
+    _, episode = torch.unique(buffer.episode.flatten()[real], return_inverse=True)  # 0..E-1
+    num_episodes = int(episode.max()) + 1
+    group = torch.zeros(num_episodes, dtype=torch.long).scatter_(0, episode, buffer.group.flatten()[real])
+    returns = episode_returns(rewards, episode, num_episodes)
+    if ppo.advantage == "gigpo":
+        adv = gigpo_advantages(rewards, episode, buffer.step_index.flatten()[real], group,
+                               buffer.state.flatten()[real], gamma=ppo.gamma, step_weight=ppo.gigpo_step_weight,
+                               normalize_std=ppo.normalize_group_std)
+    elif ppo.advantage == "grpo":
+        adv = grpo_advantages(returns, group, normalize_std=ppo.normalize_group_std)[episode]
+    elif ppo.advantage == "rloo":
+        adv = rloo_advantages(returns, group)[episode]
+    else:
+        raise ValueError(f"group_advantages: ppo.advantage {ppo.advantage!r} is not a group estimator")
+    advantages = torch.zeros(buffer.num_steps * buffer.num_envs)
+    advantages[real] = adv.to(advantages.dtype)
+    stds = [float(returns[group == g].std(unbiased=False)) for g in torch.unique(group).tolist()]
+    shape = (buffer.num_steps, buffer.num_envs)
+    return advantages.view(shape), torch.zeros(shape), stds
+
+
 def make_optimizer(policy: VLMPolicy, ppo: PPOConfig) -> torch.optim.AdamW:
-    """AdamW over the policy's trainable parameters."""
-    params = [p for p in policy.parameters() if p.requires_grad]
+    """AdamW over the policy's trainable parameters (without the value head for a group estimator,
+    which has no value function)."""
+    frozen = {id(p) for p in policy.value_head.parameters()} if ppo.advantage != "gae" else set()
+    params = [p for p in policy.parameters() if p.requires_grad and id(p) not in frozen]
     return torch.optim.AdamW(params, lr=ppo.lr, eps=ppo.adam_eps, weight_decay=ppo.weight_decay)
 
 
@@ -422,8 +500,17 @@ def _accumulate(accelerator, model, sync: bool):
 
 
 def _loss(ev, mb: RolloutBatch, ppo: PPOConfig) -> PPOLoss:
-    """The PPO loss of the policy's evaluation ``ev`` of ``mb`` (its tensors moved to ``ev``'s device)."""
+    """The PPO loss of the policy's evaluation ``ev`` of ``mb`` (its tensors moved to ``ev``'s device).
+
+    A group estimator has no value function: its value loss is off (weight 0, and exactly 0, since
+    the value is compared with itself, detached), so no gradient reaches the value head."""
     dev = ev.values.device
+    if ppo.advantage != "gae":
+        value = ev.values.detach()
+        return ppo_loss(ev.action_logprob, mb.old_logprob.to(dev), mb.advantages.to(dev), value, value, value,
+                        clip=ppo.clip, value_clip=None, value_coef=0.0, entropy=ev.entropy, ent_coef=ppo.ent_coef,
+                        ref_logprob=None if mb.ref_logprob is None else mb.ref_logprob.to(dev),
+                        kl_coef=ppo.kl_coef)
     return ppo_loss(ev.action_logprob, mb.old_logprob.to(dev), mb.advantages.to(dev), ev.values,
                     mb.old_value.to(dev), mb.returns.to(dev), clip=ppo.clip, value_clip=ppo.value_clip,
                     value_coef=ppo.value_coef, entropy=ev.entropy, ent_coef=ppo.ent_coef,

@@ -142,3 +142,24 @@ def test_input_errors():
     mixed.add(**step_data(0, ref=[0.0, 0.0]))
     with pytest.raises(ValueError, match="ref_logprobs"):
         mixed.add(**step_data(1, truncated=(False, False)))
+
+
+def test_masked_steps_and_padding_are_never_drawn():
+    # a group rollout: env 1 stepped only at t=0, and every episode ended before the last step
+    buf = RolloutBuffer(T, N)
+    buf.add(**step_data(0), mask=[True, True], episode=[0, 1], step_index=[0, 0], group=[0, 0], state=[5, 5])
+    buf.add(**step_data(1), mask=[True, False], episode=[0, 1], step_index=[1, 1], group=[0, 0], state=[6, 7])
+    assert not buf.full and len(buf) == 3
+    buf.pad()
+    assert buf.full and len(buf) == 3 and len(buf.prompts) == T * N
+    assert buf.mask.tolist() == [[True, True], [True, False], [False, False]]
+    # labels where the env stepped, -1 elsewhere (masked and padding)
+    assert buf.episode.tolist() == [[0, 1], [0, -1], [-1, -1]] and buf.state.tolist() == [[5, 5], [6, -1], [-1, -1]]
+    assert buf.step_index.tolist() == [[0, 0], [1, -1], [-1, -1]] and buf.group.tolist() == [[0, 0], [0, -1], [-1, -1]]
+    with_targets(buf)
+    for seed in range(5):
+        drawn = [i for b in buf.minibatches(2, torch.Generator().manual_seed(seed)) for i in b.indices.tolist()]
+        assert sorted(drawn) == [0, 1, 2]
+    # without a mask every transition is real, and the order is torch.randperm's own (PPO runs unchanged)
+    order = torch.cat([b.indices for b in with_targets(filled()).minibatches(4, torch.Generator().manual_seed(3))])
+    assert torch.equal(order, torch.randperm(T * N, generator=torch.Generator().manual_seed(3)))

@@ -6,6 +6,13 @@ the ``advantages`` and ``returns`` the trainer computes from its tensors (GAE, `
 and gives it all back as ``RolloutBatch`` tuples for the PPO epochs. Per-step scalars live in [T, N]
 tensors (T = num_steps, N = num_envs); per-step objects (images, strings, variable-length ids) live
 in flat lists indexed ``t * num_envs + env``, the same order as ``tensor.flatten()``.
+
+Group rollouts (``ppo.advantage`` other than "gae") play whole episodes, so an env whose episode
+ended has no transition at later steps: ``mask`` [T, N] marks the real transitions (all of them in a
+PPO rollout), ``pad()`` closes a rollout whose episodes all ended early, and ``minibatches`` and
+``len`` see only real transitions, so padding is never trained on. Each transition may also carry
+its ``episode``, ``step_index`` (position in the episode), ``group`` and ``state`` (the id of the
+task's state key in this rollout), -1 where not given: what ``vlmrl.algorithms.group`` reads.
 """
 
 from __future__ import annotations
@@ -56,6 +63,12 @@ class RolloutBuffer:
         # V(final observation) of an episode cut by a time limit at that step; 0 elsewhere.
         self.final_values = torch.zeros(T, N)
         self.ref_logprobs: Tensor | None = None  # allocated on the first step that brings them
+        self.mask = torch.zeros(T, N, dtype=torch.bool)  # a real transition (not padding)
+        # what group estimators read; -1 where not given (PPO rollouts) and on padding
+        self.episode = torch.full((T, N), -1, dtype=torch.long)
+        self.step_index = torch.full((T, N), -1, dtype=torch.long)
+        self.group = torch.full((T, N), -1, dtype=torch.long)
+        self.state = torch.full((T, N), -1, dtype=torch.long)
         # [T, N], set by the trainer once the buffer is full (the value target: advantages + values)
         self.advantages: Tensor | None = None
         self.returns: Tensor | None = None
@@ -69,8 +82,8 @@ class RolloutBuffer:
         return self.step == self.num_steps
 
     def __len__(self) -> int:
-        """Number of transitions stored (steps added x num_envs)."""
-        return self.step * self.num_envs
+        """Number of real transitions stored (steps added x num_envs, less the padding)."""
+        return int(self.mask.sum())
 
     def add(
         self,
@@ -87,12 +100,19 @@ class RolloutBuffer:
         valid: Sequence[bool] | Tensor,
         final_values: Sequence[float] | Tensor | None = None,
         ref_logprobs: Sequence[float] | Tensor | None = None,
+        mask: Sequence[bool] | Tensor | None = None,
+        episode: Sequence[int] | Tensor | None = None,
+        step_index: Sequence[int] | Tensor | None = None,
+        group: Sequence[int] | Tensor | None = None,
+        state: Sequence[int] | Tensor | None = None,
     ) -> None:
         """Store one vectorised step: every argument has one entry per env (length N).
 
         ``final_values`` is V of the final observation for envs truncated at this step (read
         only there; required if any env was truncated). ``ref_logprobs``, if given, must be given
-        on every step of the rollout.
+        on every step of the rollout. ``mask`` marks the envs that really stepped (default: all); the
+        entries of the others are placeholders, never trained on. ``episode``, ``step_index``,
+        ``group`` and ``state`` label each transition for the group estimators (default -1).
         """
         if self.full:
             raise RuntimeError(f"buffer is full ({self.num_steps} steps); call reset() first")
@@ -139,14 +159,30 @@ class RolloutBuffer:
         for name, value in row.items():
             getattr(self, name)[t] = value
         self.final_values[t] = final
+        self.mask[t] = True if mask is None else _row(mask, N, "mask", torch.bool)
+        labels = {"episode": episode, "step_index": step_index, "group": group, "state": state}
+        for name, value in labels.items():
+            if value is not None:
+                getattr(self, name)[t] = torch.where(self.mask[t], _row(value, N, name, torch.long), -1)
         self.step += 1
         self.advantages = self.returns = None  # stale once data changes
 
-    def minibatches(self, batch_size: int, generator: torch.Generator) -> Iterator[RolloutBatch]:
-        """One epoch: every transition once, in an order drawn from ``generator``.
+    def pad(self) -> None:
+        """Fill the steps not added with padding (no real transition), so that a rollout whose
+        episodes all ended before ``num_steps`` is full."""
+        missing = (self.num_steps - self.step) * self.num_envs
+        self.images.extend([None] * missing)
+        self.prompts.extend([""] * missing)
+        self.response_ids.extend(torch.zeros(0, dtype=torch.long) for _ in range(missing))
+        self.response_texts.extend([""] * missing)
+        self.step = self.num_steps
+        self.advantages = self.returns = None
 
-        The last minibatch is smaller when ``batch_size`` does not divide T * N. ``advantages`` and
-        ``returns`` must be set first, [T, N] each.
+    def minibatches(self, batch_size: int, generator: torch.Generator) -> Iterator[RolloutBatch]:
+        """One epoch: every real transition once (never padding), in an order drawn from ``generator``.
+
+        The last minibatch is smaller when ``batch_size`` does not divide ``len(self)``. ``advantages``
+        and ``returns`` must be set first, [T, N] each (their padding entries are never read).
         """
         if not self.full:
             raise RuntimeError(f"buffer holds {self.step} of {self.num_steps} steps; fill it first")
@@ -162,7 +198,8 @@ class RolloutBuffer:
         returns = self.returns.flatten()
         logprobs, values, valid = self.logprobs.flatten(), self.values.flatten(), self.valid.flatten()
         ref = None if self.ref_logprobs is None else self.ref_logprobs.flatten()
-        order = torch.randperm(len(self), generator=generator)
+        real = self.mask.flatten().nonzero().squeeze(1)  # all of 0..T*N-1 in a PPO rollout
+        order = real[torch.randperm(len(real), generator=generator)]
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             rows = idx.tolist()

@@ -277,6 +277,11 @@ class BlackjackTask(Task):
     def read_state(self, info: Info) -> tuple[str, ...]:
         return info["dealer_card"], ", ".join(info["player_cards"]), str(info["player_sum"])
 
+    def state_key(self, info: Info) -> tuple[int, bool, int]:
+        # the Markov state of the rules (Sutton & Barto's): the player's total, whether an ace counts
+        # 11, and the dealer's face-up value; 7+K and 5+2+K are one state (the deck is infinite)
+        return int(info["player_sum"]), bool(info["usable_ace"]), int(info["dealer_value"])
+
     def expert_action(self, info: Info) -> int:
         # optimal_action speaks Gymnasium's 0 stand / 1 hit; the index is the env's, from its words
         hit = optimal_action(info["player_sum"], info["usable_ace"], info["dealer_value"]) == 1

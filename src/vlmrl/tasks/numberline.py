@@ -136,6 +136,10 @@ class NumberLineTask(Task):
     def read_state(self, info: Info) -> tuple[str, ...]:
         return str(info["current"]), str(info["target"])
 
+    def state_key(self, info: Info) -> tuple[int, int]:
+        # the whole state the image shows and the rewards depend on (the step count only truncates)
+        return int(info["current"]), int(info["target"])
+
     def expert_action(self, info: Info) -> int:
         # Moving toward the target always shortens the distance, so this always wins.
         return self.legal_actions(info).index("+" if info["current"] < info["target"] else "-")

@@ -252,6 +252,11 @@ class FormulaTask(Task):
     def read_state(self, info: Info) -> tuple[str, ...]:
         return (", ".join(str(v) for v in info["values"]),)
 
+    def state_key(self, info: Info) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        # the cards (as drawn: "K" and "10" count alike but look different) and the formula so far,
+        # blanks included; which cards remain follows from these two
+        return tuple(info["cards"]), tuple(info["tokens"])
+
     def info_text(self, info: Info) -> str:
         return f"Current formula: {info['formula'] if info['tokens'] else '(empty)'}"
 
