@@ -41,7 +41,7 @@ class Scripted:
     def __init__(self, text='{"action": "+"}'):
         self.text, self.batches = text, []
 
-    def generate(self, images, prompts, *, temperature, top_p, max_new_tokens, seed):
+    def generate(self, images, prompts, *, temperature, top_p, max_new_tokens, seed, legal_actions=None):
         self.batches.append(list(images))
         b = len(prompts)
         return SimpleNamespace(texts=[self.text] * b, response_ids=torch.ones(b, 2, dtype=torch.long),

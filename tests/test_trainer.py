@@ -16,18 +16,12 @@ from vlmrl.config import PolicyConfig, PPOConfig, TrainConfig
 from vlmrl.errors import UserError
 from vlmrl.metrics import read_metrics
 from vlmrl.policy.model import VLMPolicy
-from vlmrl.policy.tiny import build_tiny_vlm
 from vlmrl.rollout import RolloutBuffer
 from vlmrl.rollout.collect import Collector
 from vlmrl.tasks.numberline import NumberLineTask
 from vlmrl.trainer import make_optimizer, ppo_update, rollout_advantages, train
 
 TIMINGS = ("charts/env_steps_per_second", "charts/tokens_per_second", "charts/update_seconds", "time")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return str(build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 def small_config(model, out, **kw):
@@ -100,8 +94,9 @@ class Stop(Exception):
     """Raised by a callback to end a run the way a crash would: after update N, before its checkpoint."""
 
 
-@pytest.mark.parametrize("minibatch_size", [3, 2], ids=["2-minibatches", "3-minibatches"])
-def test_a_resumed_run_equals_one_never_stopped(tiny_model, tmp_path, minibatch_size):
+@pytest.mark.parametrize("minibatch_size, history_length", [(3, 0), (2, 0), (3, 2)],
+                         ids=["2-minibatches", "3-minibatches", "with-memory"])
+def test_a_resumed_run_equals_one_never_stopped(tiny_model, tmp_path, minibatch_size, history_length):
     # The callback draws from Python's, numpy's and torch's global generators after every update, so
     # their states matter: a resume that did not restore them would draw other numbers. With 3
     # minibatches and grad_accum_steps=2 an update ends on half a group, which must step too: a
@@ -114,7 +109,8 @@ def test_a_resumed_run_equals_one_never_stopped(tiny_model, tmp_path, minibatch_
             if r.update == stop_at:
                 raise Stop
 
-        cfg = small_config(tiny_model, out, total_updates=3)  # 6 transitions, accumulated over 2 minibatches
+        # 6 transitions, accumulated over 2 minibatches; with memory the envs' last steps are state too
+        cfg = small_config(tiny_model, out, total_updates=3, history_length=history_length)
         cfg.ppo.minibatch_size = minibatch_size
         try:
             train(cfg, resume=resume, progress=False, callback=callback)

@@ -107,8 +107,10 @@ class ModelPolicy:
         from vlmrl.policy.model import cpu_threads
 
         with torch.no_grad(), cpu_threads(self.policy):
+            # the legal words: a policy saved with constrained_actions samples under the same masks
             gen = self.policy.generate(images, prompts, temperature=self.temperature,
-                                       max_new_tokens=self.max_new_tokens, seed=self.generator)
+                                       max_new_tokens=self.max_new_tokens, seed=self.generator,
+                                       legal_actions=[self.task.legal_actions(info) for info in infos])
         return gen.texts
 
 

@@ -200,7 +200,7 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
     policy = accelerator.unwrap_model(model)  # sampling and saving go around the DDP wrapper
 
     collector = Collector(task, cfg.num_envs, cfg.seed, cfg.cot, rank, env_kwargs=cfg.env_kwargs,
-                          group_size=ppo.group_size if grouped else None)
+                          group_size=ppo.group_size if grouped else None, history_length=cfg.history_length)
     buffer = RolloutBuffer(cfg.num_steps, cfg.num_envs)
     sampling = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
     shuffling = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 2)
@@ -469,7 +469,7 @@ def _minibatch_step(model, optimizer, accelerator, params, mb: RolloutBatch, ppo
     """
     with _accumulate(accelerator, model, sync):
         start = time.perf_counter()
-        out = _loss(model(mb.images, mb.prompts, mb.response_ids), mb, ppo)
+        out = _loss(model(mb.images, mb.prompts, mb.response_ids, legal_actions=mb.legal_actions), mb, ppo)
         if not _all_finite(accelerator, out.loss):
             optimizer.zero_grad()
             return None
@@ -531,7 +531,7 @@ def _held_out(task, policy, cfg: TrainConfig) -> dict[str, float]:
 
     agent = ModelPolicy(policy, task, cfg.cot, cfg.temperature, cfg.seed, cfg.max_new_tokens)
     r = evaluate(task, agent, cfg.eval_episodes, seed=cfg.seed, num_envs=min(cfg.eval_episodes, 32),
-                 env_kwargs=cfg.env_kwargs, progress=False)
+                 env_kwargs=cfg.env_kwargs, progress=False, history_length=cfg.history_length)
     return {M.EVAL_SUCCESS_RATE: r.success_rate, M.EVAL_SUCCESS_CI95_LOW: r.success_ci95[0],
             M.EVAL_SUCCESS_CI95_HIGH: r.success_ci95[1], M.EVAL_EPISODIC_RETURN: r.mean_return,
             M.EVAL_INVALID_ACTION_RATE: r.invalid_action_rate}
@@ -611,7 +611,8 @@ def _weights_finite(accelerator, policy, mb: RolloutBatch, ppo: PPOConfig) -> bo
     was_training = policy.training
     policy.eval()
     try:
-        out = _loss(policy(mb.images, mb.prompts, mb.response_ids), mb._replace(ref_logprob=None), ppo)
+        out = _loss(policy(mb.images, mb.prompts, mb.response_ids, legal_actions=mb.legal_actions),
+                    mb._replace(ref_logprob=None), ppo)
     finally:
         policy.train(was_training)
     return _all_finite(accelerator, out.loss)

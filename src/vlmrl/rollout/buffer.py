@@ -39,6 +39,7 @@ class RolloutBatch(NamedTuple):
     returns: Tensor  # [B] advantages + values, the value target
     valid: Tensor  # [B] bool, the response parsed into a legal action
     ref_logprob: Tensor | None  # [B] log-prob under the reference policy, if it was stored
+    legal_actions: list[tuple[str, ...]]  # B: the step's legal words (constrained decoding masks with them)
 
 
 class RolloutBuffer:
@@ -76,6 +77,7 @@ class RolloutBuffer:
         self.prompts: list[str] = []
         self.response_ids: list[Tensor] = []
         self.response_texts: list[str] = []
+        self.legal_actions: list[tuple[str, ...]] = []
 
     @property
     def full(self) -> bool:
@@ -105,6 +107,7 @@ class RolloutBuffer:
         step_index: Sequence[int] | Tensor | None = None,
         group: Sequence[int] | Tensor | None = None,
         state: Sequence[int] | Tensor | None = None,
+        legal_actions: Sequence[Sequence[str]] | None = None,
     ) -> None:
         """Store one vectorised step: every argument has one entry per env (length N).
 
@@ -113,6 +116,8 @@ class RolloutBuffer:
         on every step of the rollout. ``mask`` marks the envs that really stepped (default: all); the
         entries of the others are placeholders, never trained on. ``episode``, ``step_index``,
         ``group`` and ``state`` label each transition for the group estimators (default -1).
+        ``legal_actions`` are each env's legal words at this step (default: none recorded), which the
+        PPO forward pass needs to apply the same masks as sampling under constrained decoding.
         """
         if self.full:
             raise RuntimeError(f"buffer is full ({self.num_steps} steps); call reset() first")
@@ -156,6 +161,9 @@ class RolloutBuffer:
             torch.as_tensor(ids, dtype=torch.long).detach().cpu().clone().flatten() for ids in response_ids
         )
         self.response_texts.extend(str(s) for s in response_texts)
+        if legal_actions is not None and len(legal_actions) != N:
+            raise ValueError(f"legal_actions has {len(legal_actions)} entries, expected num_envs={N}")
+        self.legal_actions.extend(tuple(w) for w in (legal_actions if legal_actions is not None else [()] * N))
         for name, value in row.items():
             getattr(self, name)[t] = value
         self.final_values[t] = final
@@ -175,6 +183,7 @@ class RolloutBuffer:
         self.prompts.extend([""] * missing)
         self.response_ids.extend(torch.zeros(0, dtype=torch.long) for _ in range(missing))
         self.response_texts.extend([""] * missing)
+        self.legal_actions.extend([()] * missing)
         self.step = self.num_steps
         self.advantages = self.returns = None
 
@@ -215,6 +224,7 @@ class RolloutBuffer:
                 returns=returns[idx],
                 valid=valid[idx],
                 ref_logprob=None if ref is None else ref[idx],
+                legal_actions=[self.legal_actions[i] for i in rows],
             )
 
 

@@ -31,7 +31,7 @@ import torch
 from vlmrl.seeds import HELD_OUT_SEED_BASE
 from vlmrl.rollout.buffer import RolloutBuffer
 from vlmrl.tasks import Task
-from vlmrl.tasks.base import episode_success, observation_image
+from vlmrl.tasks.base import Memory, episode_success, observation_image
 from vlmrl.tasks.parsing import parse_action
 
 
@@ -79,9 +79,11 @@ class Collector:
     """Owns the envs of one process and their current observations."""
 
     def __init__(self, task: Task, num_envs: int, seed: int, cot: bool = True, rank: int = 0,
-                 env_kwargs: dict[str, Any] | None = None, group_size: int | None = None):
+                 env_kwargs: dict[str, Any] | None = None, group_size: int | None = None,
+                 history_length: int = 0):
         """``group_size``: None for PPO's continuing rollouts (``collect``), G for group rollouts
-        (``collect_groups``; ``num_envs`` must be a multiple of G)."""
+        (``collect_groups``; ``num_envs`` must be a multiple of G). ``history_length`` K: each prompt
+        carries the episode's last K steps (``tasks.base.Memory``)."""
         if group_size is not None and (group_size < 1 or num_envs % group_size):
             raise ValueError(f"num_envs ({num_envs}) must be a multiple of group_size ({group_size})")
         self.task, self.cot, self.num_envs = task, cot, num_envs
@@ -99,10 +101,11 @@ class Collector:
         self.ep_return = np.zeros(num_envs)
         self.ep_length = np.zeros(num_envs, dtype=int)
         self.finished = Finished()
+        self.memory = [Memory(task, history_length) for _ in range(num_envs)]
 
     # --- one rollout ----------------------------------------------------------------------------
     def prompts(self) -> list[str]:
-        return [self.task.prompt(info, self.cot) for info in self.infos]
+        return [self.task.prompt(m.view(info), self.cot) for m, info in zip(self.memory, self.infos)]
 
     def images(self) -> list[np.ndarray | None]:
         return [observation_image(o) for o in self.obs]
@@ -131,7 +134,8 @@ class Collector:
         buffer.reset()
         while not buffer.full:
             images, prompts = self.images(), self.prompts()
-            gen, ids, old_logprob, ref_logprob = _sample(policy, images, prompts, stats, temperature=temperature,
+            legal = [tuple(self.task.legal_actions(info)) for info in self.infos]
+            gen, ids, old_logprob, ref_logprob = _sample(policy, images, prompts, legal, stats, temperature=temperature,
                                                          top_p=top_p, max_new_tokens=max_new_tokens,
                                                          generator=generator, reference=reference)
 
@@ -141,7 +145,8 @@ class Collector:
             valid = np.zeros(self.num_envs, dtype=bool)
             final: dict[int, tuple[Any, dict]] = {}
             for i, (env, text) in enumerate(zip(self.envs, gen.texts)):
-                parsed = parse_action(text, self.task.legal_actions(self.infos[i]), self.parse_rng)
+                parsed = parse_action(text, legal[i], self.parse_rng)
+                self.memory[i].record(self.infos[i], legal[i][parsed.action])
                 obs, reward, term, trunc, info = env.step(parsed.action)
                 reward = float(reward) - (0.0 if parsed.valid else invalid_action_penalty)
                 rewards[i], terminated[i], truncated[i], valid[i] = reward, term, trunc, parsed.valid
@@ -153,7 +158,8 @@ class Collector:
                     self.finished.wins.append(episode_success(info, self.ep_return[i]))
                     self.ep_return[i], self.ep_length[i] = 0.0, 0
                     if trunc and not term:
-                        final[i] = (obs, info)
+                        final[i] = (obs, self.memory[i].view(info))
+                    self.memory[i].clear()
                     obs, info = env.reset()
                 self.obs[i], self.infos[i] = obs, info
 
@@ -167,7 +173,7 @@ class Collector:
                 images=images, prompts=prompts, response_ids=ids, response_texts=gen.texts,
                 logprobs=old_logprob, values=gen.values.float().cpu(), rewards=rewards,
                 terminated=terminated, truncated=truncated, valid=valid, final_values=final_values,
-                ref_logprobs=ref_logprob,
+                ref_logprobs=ref_logprob, legal_actions=legal,
             )
             stats.steps += self.num_envs
             stats.invalid += int((~valid).sum())
@@ -202,6 +208,7 @@ class Collector:
         groups = np.arange(n) // g
         for i, env in enumerate(self.envs):
             self.obs[i], self.infos[i] = env.reset(seed=group_seed(self.seed, self.rank, int(groups[i]), update))
+            self.memory[i].clear()
         # the fallback actions of unparsable answers, drawn afresh each update too
         self.parse_rng = np.random.default_rng([self.seed, self.rank, 7, GROUP_STREAM + update])
         self.ep_return[:], self.ep_length[:] = 0.0, 0
@@ -212,8 +219,9 @@ class Collector:
         while active.any() and not buffer.full:
             rows = np.flatnonzero(active).tolist()
             images = [observation_image(self.obs[i]) for i in rows]
-            prompts = [self.task.prompt(self.infos[i], self.cot) for i in rows]
-            gen, ids, old_logprob, ref_logprob = _sample(policy, images, prompts, stats, temperature=temperature,
+            prompts = [self.task.prompt(self.memory[i].view(self.infos[i]), self.cot) for i in rows]
+            legal = [tuple(self.task.legal_actions(self.infos[i])) for i in rows]
+            gen, ids, old_logprob, ref_logprob = _sample(policy, images, prompts, legal, stats, temperature=temperature,
                                                          top_p=top_p, max_new_tokens=max_new_tokens,
                                                          generator=generator, reference=reference)
             # one entry per env; the envs not playing keep placeholders, masked out
@@ -223,6 +231,7 @@ class Collector:
             full_images: list[Any] = [None] * n
             full_prompts, full_texts = [""] * n, [""] * n
             full_ids: list[list[int]] = [[] for _ in range(n)]
+            full_legal: list[tuple[str, ...]] = [()] * n
             logprobs, values = torch.zeros(n), torch.zeros(n)
             refs = None if ref_logprob is None else torch.zeros(n)
             gen_values = gen.values.float().cpu()
@@ -233,7 +242,9 @@ class Collector:
                 logprobs[i], values[i] = old_logprob[k], gen_values[k]
                 if refs is not None:
                     refs[i] = ref_logprob[k]
-                parsed = parse_action(gen.texts[k], self.task.legal_actions(self.infos[i]), self.parse_rng)
+                full_legal[i] = legal[k]
+                parsed = parse_action(gen.texts[k], legal[k], self.parse_rng)
+                self.memory[i].record(self.infos[i], legal[k][parsed.action])
                 obs, reward, term, trunc, info = self.envs[i].step(parsed.action)
                 reward = float(reward) - (0.0 if parsed.valid else invalid_action_penalty)
                 rewards[i], terminated[i], truncated[i], valid[i] = reward, term, trunc, parsed.valid
@@ -251,6 +262,7 @@ class Collector:
                 logprobs=logprobs, values=values, rewards=rewards, terminated=terminated,
                 truncated=truncated, valid=valid, final_values=torch.zeros(n), ref_logprobs=refs, mask=mask,
                 episode=np.arange(n), step_index=np.full(n, buffer.step), group=groups, state=state,
+                legal_actions=full_legal,
             )
             stats.steps += len(rows)
             stats.invalid += int((~valid[rows]).sum())
@@ -277,7 +289,8 @@ class Collector:
         if self.group_size is not None:
             return None
         try:
-            return pickle.dumps((self.envs, self.obs, self.infos, self.parse_rng, self.ep_return, self.ep_length))
+            return pickle.dumps((self.envs, self.obs, self.infos, self.parse_rng, self.ep_return, self.ep_length,
+                                 [m.steps for m in self.memory]))
         except Exception:  # noqa: BLE001  (any env may hold unpicklable handles; resume then re-seeds)
             return None
 
@@ -289,31 +302,38 @@ class Collector:
         if blob is not None:
             for env in self.envs:
                 env.close()
-            self.envs, self.obs, self.infos, self.parse_rng, self.ep_return, self.ep_length = pickle.loads(blob)
+            (self.envs, self.obs, self.infos, self.parse_rng, self.ep_return, self.ep_length,
+             steps) = pickle.loads(blob)
+            for m, s in zip(self.memory, steps):
+                m.steps = s
             return
         for i, env in enumerate(self.envs):
             self.obs[i], self.infos[i] = env.reset(seed=training_seed(seed, rank, i, stream=2 + update))
         self.ep_return[:] = 0
         self.ep_length[:] = 0
+        for m in self.memory:
+            m.clear()
 
     def close(self) -> None:
         for env in self.envs:
             env.close()
 
 
-def _sample(policy, images, prompts, stats: StepStats, *, temperature: float, top_p: float, max_new_tokens: int,
-            generator: torch.Generator, reference=None):
+def _sample(policy, images, prompts, legal, stats: StepStats, *, temperature: float, top_p: float,
+            max_new_tokens: int, generator: torch.Generator, reference=None):
     """One batched ``generate`` for these rows: (generation, response id lists, rollout log-prob [B],
-    reference log-prob [B] or None); adds the time and the response tokens to ``stats``."""
+    reference log-prob [B] or None); adds the time and the response tokens to ``stats``. ``legal``
+    are the rows' legal words: with ``constrained_actions`` the policy samples only those after
+    the ``"action": "`` prefix (and the reference scores under the same masks)."""
     t0 = time.perf_counter()
     gen = policy.generate(images, prompts, temperature=temperature, top_p=top_p,
-                          max_new_tokens=max_new_tokens, seed=generator)
+                          max_new_tokens=max_new_tokens, seed=generator, legal_actions=legal)
     stats.generate_seconds += time.perf_counter() - t0
     ids = [gen.response_ids[i, : int(n)].tolist() for i, n in enumerate(gen.lengths)]
     old_logprob = policy.action_logprob(ids, gen.logprobs)
     ref_logprob = None
     if reference is not None:
         with reference() as ref:
-            ref_logprob = ref.evaluate(images, prompts, ids).action_logprob.float().cpu()
+            ref_logprob = ref.evaluate(images, prompts, ids, legal_actions=legal).action_logprob.float().cpu()
     stats.response_tokens += int(gen.lengths.sum())
     return gen, ids, old_logprob.float().cpu(), ref_logprob
