@@ -158,7 +158,7 @@ def per_sample_rollout(policy: VLMPolicy, task: Task, num_envs: int, env_steps: 
             gen = policy.generate([obs], [prompt], temperature=temperature, max_new_tokens=max_new_tokens,
                                   seed=generator)
             ids = [gen.response_ids[0, : int(gen.lengths[0])].tolist()]
-            scored = policy.evaluate([obs], [prompt], ids)  # the second forward pass
+            scored = policy.score([obs], [prompt], ids)  # the second forward pass
             float(scored.action_logprob[0]), float(scored.values[0])  # used as the paper stores them
             parsed = parse_action(gen.texts[0], task.legal_actions(info), parse_rng)
             obs, _, terminated, truncated, info = envs[i].step(parsed.action)
@@ -297,7 +297,7 @@ def _warm_up(policy: VLMPolicy, task: Task) -> None:
         gen = policy.generate([obs] * n, [task.prompt(info)] * n, max_new_tokens=4, seed=0)
         ids = [gen.response_ids[i, : int(gen.lengths[i])].tolist() for i in range(n)]
         with torch.no_grad():
-            policy.evaluate([obs] * n, [task.prompt(info)] * n, ids)
+            policy.score([obs] * n, [task.prompt(info)] * n, ids)
         policy.values([obs] * n, [task.prompt(info)] * n)
 
 

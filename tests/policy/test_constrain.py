@@ -264,8 +264,8 @@ def test_recomputed_logprobs_match_the_sampled_ones_under_the_mask(tiny, arch):
                               constrained=True)
         ids = [gen.response_ids[i, : int(k)].tolist() for i, k in enumerate(gen.lengths)]
         with torch.no_grad():
-            ev = policy.evaluate(ims, prompts, ids, legal_actions=gen.legal_actions, constrained=True)
-            unmasked = policy.evaluate(ims, prompts, ids)
+            ev = policy.score(ims, prompts, ids, legal_actions=gen.legal_actions, constrained=True)
+            unmasked = policy.score(ims, prompts, ids)
     assert valid_fraction(free.texts, legal) < 0.5  # left free, the random model writes junk words
     assert gen.constrained.any(1).float().mean() > 0.5 and gen.legal_actions == legal
     width = gen.logprobs.shape[1]
@@ -292,7 +292,7 @@ def test_top_p_cuts_within_the_allowed_set(tiny):
         gen = policy.generate(ims, prompts, temperature=0.7, top_p=0.8, max_new_tokens=32, seed=2, legal_actions=legal)
         ids = [gen.response_ids[i, : int(k)].tolist() for i, k in enumerate(gen.lengths)]
         with torch.no_grad():
-            ev = policy.evaluate(ims, prompts, ids, temperature=0.7, legal_actions=legal)
+            ev = policy.score(ims, prompts, ids, temperature=0.7, legal_actions=legal)
     assert gen.constrained.any()
     assert (gen.sample_logprobs >= gen.logprobs - 1e-6).all()
     assert (ev.token_logprobs[:, : gen.logprobs.shape[1]] - gen.logprobs).abs().max().item() < 1e-4
@@ -301,7 +301,7 @@ def test_top_p_cuts_within_the_allowed_set(tiny):
         greedy = policy.generate(ims, prompts, temperature=0.0, max_new_tokens=32, legal_actions=legal)
         ids = [greedy.response_ids[i, : int(k)].tolist() for i, k in enumerate(greedy.lengths)]
         with torch.no_grad():
-            ev = policy.evaluate(ims, prompts, ids, temperature=0.0, legal_actions=legal)
+            ev = policy.score(ims, prompts, ids, temperature=0.0, legal_actions=legal)
     assert (ev.token_logprobs[:, : greedy.logprobs.shape[1]] - greedy.logprobs).abs().max().item() < 1e-4
 
 
@@ -336,8 +336,8 @@ def test_no_prefix_means_no_constraint_and_a_cut_word_stays_consistent(tiny):
     assert free_rows and not gen.constrained[free_rows].any()
     ids = [gen.response_ids[i, : int(k)].tolist() for i, k in enumerate(gen.lengths)]
     with torch.no_grad():
-        ev = policy.evaluate(ims, prompts, ids, legal_actions=legal, constrained=True)
-        plain = policy.evaluate(ims, prompts, ids)
+        ev = policy.score(ims, prompts, ids, legal_actions=legal, constrained=True)
+        plain = policy.score(ims, prompts, ids)
     assert torch.allclose(ev.token_logprobs[free_rows], plain.token_logprobs[free_rows], atol=0, rtol=0)
     # max_new_tokens ends inside the word: the response is cut, its log-probs still agree
     with keen_on_the_key(policy, 40.0):  # the key is the first token of every row
@@ -345,13 +345,13 @@ def test_no_prefix_means_no_constraint_and_a_cut_word_stays_consistent(tiny):
                               constrained=True)
         ids = [gen.response_ids[i, : int(k)].tolist() for i, k in enumerate(gen.lengths)]
         with torch.no_grad():
-            ev = policy.evaluate(ims, prompts, ids, legal_actions=gen.legal_actions, constrained=True)
+            ev = policy.score(ims, prompts, ids, legal_actions=gen.legal_actions, constrained=True)
     assert (gen.lengths == 3).all() and all(t.startswith('"action": "go to cabinet') for t in gen.texts)
     assert gen.constrained[:, 1:].all() and not gen.constrained[:, 0].any()
     assert (ev.token_logprobs[:, :3] - gen.logprobs).abs().max().item() < 1e-4
     # scored against other words, the stored responses are refused rather than scored wrongly
     with pytest.raises(UserError, match="not sampled with these legal actions"):
-        policy.evaluate(ims, prompts, ids, legal_actions=[["stand"]] * n, constrained=True)
+        policy.score(ims, prompts, ids, legal_actions=[["stand"]] * n, constrained=True)
 
 
 def test_constraint_switch_and_bad_arguments(tiny):

@@ -60,7 +60,7 @@ def test_evaluate_recomputes_the_sampled_logprobs(tiny, arch, finetune):
     assert gen.response_ids.shape[0] == 3 and len(gen.texts) == 3
     assert (gen.lengths >= 1).all() and (gen.lengths <= 16).all()
     with torch.no_grad():
-        ev = policy.evaluate(ims, PROMPTS, gen.response_ids, gen.lengths, temperature=0.8)
+        ev = policy.score(ims, PROMPTS, gen.response_ids, gen.lengths, temperature=0.8)
     width = gen.logprobs.shape[1]
     assert (ev.token_logprobs[:, :width] - gen.logprobs).abs().max().item() < 1e-4
     assert (ev.values - gen.values).abs().max().item() < 1e-4
@@ -78,7 +78,7 @@ def test_other_architectures_load_and_generate(tiny, arch):
     gen = policy.generate(ims, PROMPTS[:2], max_new_tokens=8, seed=0)
     assert [len(t) for t in gen.texts] and gen.response_ids.shape == (2, gen.logprobs.shape[1])
     with torch.no_grad():
-        ev = policy.evaluate(ims, PROMPTS[:2], gen.response_ids, gen.lengths)
+        ev = policy.score(ims, PROMPTS[:2], gen.response_ids, gen.lengths)
     assert (ev.token_logprobs[:, : gen.logprobs.shape[1]] - gen.logprobs).abs().max().item() < 1e-4
 
 
@@ -144,14 +144,14 @@ def test_save_and_load_round_trip(tiny, tmp_path):
             p.add_(0.3)
     ims, responses = images(2), ['{"action": "+"}', '{"thoughts": "far", "action": "-"}']
     with torch.no_grad():
-        before = policy.evaluate(ims, PROMPTS[:2], responses)
+        before = policy.score(ims, PROMPTS[:2], responses)
     out = policy.save(tmp_path / "saved")
     assert (out / "value_head.safetensors").is_file() and (out / "adapter_config.json").is_file()
     assert not (out / "model.safetensors").exists()  # LoRA saves only the adapter
     assert json.loads((out / "vlmrl_policy.json").read_text())["finetune"] == "lora"
     again = VLMPolicy.load(out)  # the same call as for a fresh model folder
     with torch.no_grad():
-        after = again.evaluate(ims, PROMPTS[:2], responses)
+        after = again.score(ims, PROMPTS[:2], responses)
     assert torch.allclose(before.values, after.values, atol=1e-6)
     assert torch.allclose(before.token_logprobs, after.token_logprobs, atol=1e-5)
     assert any(p.requires_grad for n, p in again.model.named_parameters() if "lora_" in n)
@@ -162,10 +162,10 @@ def test_reference_switches_the_adapter_off(tiny):
     policy, base = load(path), load(path, finetune="none")
     ims, responses = images(2), ['{"action": "+"}', '{"action": "-"}']
     with torch.no_grad():
-        tuned = policy.evaluate(ims, PROMPTS[:2], responses).token_logprobs
+        tuned = policy.score(ims, PROMPTS[:2], responses).token_logprobs
         with policy.reference() as ref:
-            reference = ref.evaluate(ims, PROMPTS[:2], responses).token_logprobs
-        plain = base.evaluate(ims, PROMPTS[:2], responses).token_logprobs
+            reference = ref.score(ims, PROMPTS[:2], responses).token_logprobs
+        plain = base.score(ims, PROMPTS[:2], responses).token_logprobs
     assert torch.allclose(reference, plain, atol=1e-5)
     assert not torch.allclose(tuned, plain, atol=1e-3)
     with pytest.raises(UserError, match="reference policy needs"):
@@ -178,7 +178,7 @@ def test_bf16_loads_and_samples_close_to_its_recomputation(tiny):
     assert policy.hf_model.dtype == torch.bfloat16
     gen = policy.generate(images(2), PROMPTS[:2], max_new_tokens=6, seed=0)
     with torch.no_grad():
-        ev = policy.evaluate(images(2), PROMPTS[:2], gen.response_ids, gen.lengths)
+        ev = policy.score(images(2), PROMPTS[:2], gen.response_ids, gen.lengths)
     assert (ev.token_logprobs[:, : gen.logprobs.shape[1]] - gen.logprobs).abs().max().item() < 0.1
 
 
@@ -222,8 +222,8 @@ def test_constraints_off_leave_sampling_and_scoring_unchanged(tiny, tmp_path):
         for name in ("response_ids", "lengths", "logprobs", "sample_logprobs", "values"):
             assert torch.equal(getattr(gen, name), getattr(ref, name)), name
     with torch.no_grad():
-        a = plain.evaluate(ims, PROMPTS, ref.response_ids, ref.lengths)
-        b = plain.evaluate(ims, PROMPTS, ref.response_ids, ref.lengths, legal_actions=legal, constrained=False)
+        a = plain.score(ims, PROMPTS, ref.response_ids, ref.lengths)
+        b = plain.score(ims, PROMPTS, ref.response_ids, ref.lengths, legal_actions=legal, constrained=False)
     assert torch.equal(a.token_logprobs, b.token_logprobs) and torch.equal(a.entropy, b.entropy)
     again = VLMPolicy.load(on.save(tmp_path / "saved"))
     assert again.config.constrained_actions is True

@@ -202,7 +202,7 @@ def test_generate_and_evaluate_are_unchanged_by_the_caches(policy):
             gen = policy.generate(ims, prompts, temperature=1.0, max_new_tokens=12, seed=5)
             ids = [gen.response_ids[i, : int(n)].tolist() for i, n in enumerate(gen.lengths)]
             with torch.no_grad():
-                ev = policy.evaluate(ims, prompts, ids, temperature=1.0)
+                ev = policy.score(ims, prompts, ids, temperature=1.0)
             runs.append((gen.texts, gen.logprobs, ev.action_logprob, ev.values, ev.boundaries, policy.values(ims, prompts)))
         finally:
             policy.input_cache, policy.boundary_cache = cache, bounds

@@ -6,7 +6,7 @@ others run through the same code. A folder written by ``policy.save(dir)`` loads
 
 Sampling and scoring agree exactly: ``generate`` samples from ``softmax(logits / temperature)``
 (optionally cut to the top-p nucleus) with our own seeded ``torch.Generator``, and records the
-tempered log-prob of every sampled token; ``evaluate`` recomputes the same tempered log-probs in one
+tempered log-prob of every sampled token; ``score`` recomputes the same tempered log-probs in one
 forward pass. Like RL4VLM, the PPO ratio uses the tempered softmax; with ``top_p < 1`` the nucleus
 renormalisation is left out of it (``Generation.sample_logprobs`` holds the nucleus value).
 
@@ -14,7 +14,7 @@ Constrained action decoding (``policy/constrain.py``): with ``PolicyConfig.const
 ``constrained=True``) and per-row ``legal_actions``, once a response has written ``"action": "`` only a
 legal word, then ``"}`` and the stop token can be drawn. There the recorded log-prob is that of the
 tempered distribution renormalised over the allowed ids; a nucleus (top_p < 1) is then cut within
-that set (``sample_logprobs``). ``evaluate`` given the same ``legal_actions`` rebuilds the same masks
+that set (``sample_logprobs``). ``score`` given the same ``legal_actions`` rebuilds the same masks
 from the response ids (``constrain.constraint_masks``) and scores under them, entropy included.
 """
 
@@ -80,19 +80,19 @@ class Generation:
     # [B, N] sampled ids, left-aligned, pad_token_id after each row's length (EOS included in the length)
     response_ids: torch.Tensor
     lengths: torch.Tensor  # [B]
-    # [B, N] log-prob of each sampled token under softmax(logits / T) -- what evaluate() recomputes
+    # [B, N] log-prob of each sampled token under softmax(logits / T) -- what score() recomputes
     logprobs: torch.Tensor
     # [B, N] log-prob under the distribution actually sampled from (top-p nucleus renormalised)
     sample_logprobs: torch.Tensor
     values: torch.Tensor  # [B]
     # [B, N] True where the token was drawn under the action constraint; None when sampling was free
     constrained: torch.Tensor | None = None
-    # the legal words per row the constraint used (pass them to evaluate); None when sampling was free
+    # the legal words per row the constraint used (pass them to score); None when sampling was free
     legal_actions: list[list[str]] | None = None
 
 
 @dataclass
-class Evaluation:
+class Scores:
     action_logprob: torch.Tensor  # [B] lambda * sum logp(CoT) + sum logp(action part)
     values: torch.Tensor  # [B]
     entropy: torch.Tensor  # [B] mean token entropy over the response
@@ -264,7 +264,7 @@ class VLMPolicy(nn.Module):
 
     @property
     def action_constraints(self) -> ActionConstraints:
-        """The constrained-decoding machinery for this tokenizer (caches shared by generate and evaluate)."""
+        """The constrained-decoding machinery for this tokenizer (caches shared by generate and score)."""
         if self._action_constraints is None:
             self._action_constraints = ActionConstraints(self.tokenizer, self.stop_token_ids[0])
         return self._action_constraints
@@ -374,7 +374,7 @@ class VLMPolicy(nn.Module):
         ``legal_actions`` (one list of words per prompt) with ``constrained`` (None: follow
         ``config.constrained_actions``) turns on constrained action decoding: after ``"action": "``
         each row can only write one of its words, ``"}`` and the stop token. ``logprobs`` then hold the
-        renormalised (masked) log-probs there; pass ``Generation.legal_actions`` to ``evaluate``.
+        renormalised (masked) log-probs there; pass ``Generation.legal_actions`` to ``score``.
         Without it the sampling is exactly the unconstrained one.
         """
         cfg = self.config
@@ -451,7 +451,7 @@ class VLMPolicy(nn.Module):
         self, response_ids: Sequence[Sequence[int]], token_logprobs: torch.Tensor, thought_weight: float | None = None
     ) -> torch.Tensor:
         """The action log-prob [B] from per-token log-probs [B, N] (left-aligned, e.g. ``Generation.logprobs``),
-        weighted exactly as ``evaluate`` weighs them, so rollouts need no second forward pass."""
+        weighted exactly as ``score`` weighs them, so rollouts need no second forward pass."""
         weights, _ = self.cot_weights(response_ids, token_logprobs.shape[1], thought_weight)
         return (token_logprobs.float() * weights.to(token_logprobs.device)).sum(-1)
 
@@ -469,11 +469,11 @@ class VLMPolicy(nn.Module):
             self.train(was_training)
         return self.value_head(seen[-1][:, -1])
 
-    def forward(self, *args: Any, **kwargs: Any) -> "Evaluation":
-        """Same as ``evaluate``, so a DDP-wrapped policy is called through its own forward."""
-        return self.evaluate(*args, **kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> "Scores":
+        """Same as ``score``, so a DDP-wrapped policy is called through its own forward."""
+        return self.score(*args, **kwargs)
 
-    def evaluate(
+    def score(
         self,
         images: Sequence[Any],
         prompts: Sequence[str],
@@ -483,7 +483,7 @@ class VLMPolicy(nn.Module):
         thought_weight: float | None = None,
         legal_actions: Sequence[Sequence[str]] | None = None,
         constrained: bool | None = None,
-    ) -> Evaluation:
+    ) -> Scores:
         """One forward pass: the lambda-weighted action log-prob, the value and the mean entropy.
 
         Log-probs are of ``softmax(logits / temperature)`` with the sampling temperature (config
@@ -522,7 +522,7 @@ class VLMPolicy(nn.Module):
         weights, boundaries = self.cot_weights(enc.response_ids, width, lam)
         weights = weights.to(logp.device)
         mask = weights > 0
-        return Evaluation(
+        return Scores(
             action_logprob=(logp * weights).sum(-1),
             values=values,
             entropy=lp.masked_mean(ent, mask),
@@ -791,4 +791,4 @@ def _lengths_to_stop(response: torch.Tensor, stop_ids: list[int]) -> torch.Tenso
     return first.long()
 
 
-__all__ = ["Encoded", "Evaluation", "Generation", "PolicyConfig", "VLMPolicy", "ValueHead", "lora_target_regex"]
+__all__ = ["Encoded", "Scores", "Generation", "PolicyConfig", "VLMPolicy", "ValueHead", "lora_target_regex"]

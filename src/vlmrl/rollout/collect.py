@@ -334,6 +334,6 @@ def _sample(policy, images, prompts, legal, stats: StepStats, *, temperature: fl
     ref_logprob = None
     if reference is not None:
         with reference() as ref:
-            ref_logprob = ref.evaluate(images, prompts, ids, legal_actions=legal).action_logprob.float().cpu()
+            ref_logprob = ref.score(images, prompts, ids, legal_actions=legal).action_logprob.float().cpu()
     stats.response_tokens += int(gen.lengths.sum())
     return gen, ids, old_logprob.float().cpu(), ref_logprob
