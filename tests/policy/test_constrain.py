@@ -15,7 +15,7 @@ from vlmrl.errors import UserError
 from vlmrl.policy import logprob as lp
 from vlmrl.policy.constrain import ActionConstraints, TokenTrie, allowed_matrix, constraint_masks
 from vlmrl.policy.model import PolicyConfig, VLMPolicy
-from vlmrl.policy.tiny import build_tiny_vlm, train_tokenizer
+from vlmrl.policy.tiny import train_tokenizer
 from vlmrl.tasks.parsing import parse_action
 
 TEXTS = [
@@ -203,16 +203,9 @@ def test_constrained_logprobs_renormalise_over_the_allowed_ids():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_constrain")
-    cache: dict[str, str] = {}
-
-    def get(arch: str) -> str:
-        if arch not in cache:
-            cache[arch] = str(build_tiny_vlm(root / arch, arch=arch, texts=TEXTS * 3, seed=0))
-        return cache[arch]
-
-    return get
+def tiny(tiny_by_arch):
+    """arch -> folder of a tiny VLM whose tokenizer knows this module's TEXTS (conftest.py)."""
+    return tiny_by_arch
 
 
 def load(path: str, **kw) -> VLMPolicy:

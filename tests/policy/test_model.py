@@ -10,7 +10,6 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from vlmrl.errors import UserError
 from vlmrl.policy.model import PolicyConfig, VLMPolicy
-from vlmrl.policy.tiny import build_tiny_vlm
 
 TEXTS = [
     '{"current": "3", "target": "7", "thoughts": "3 is less than 7, so I move right.", "action": "+"}',
@@ -22,17 +21,9 @@ PROMPTS = ["Move to the target.", "You are playing NumberLine. Answer with one J
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """arch -> folder of a tiny saved VLM (built once per module)."""
-    root = tmp_path_factory.mktemp("tiny")
-    cache: dict[str, str] = {}
-
-    def get(arch: str) -> str:
-        if arch not in cache:
-            cache[arch] = str(build_tiny_vlm(root / arch, arch=arch, texts=TEXTS * 3, seed=0))
-        return cache[arch]
-
-    return get
+def tiny(tiny_by_arch):
+    """arch -> folder of a tiny VLM whose tokenizer knows this module's TEXTS (conftest.py)."""
+    return tiny_by_arch
 
 
 def images(n: int, seed: int = 0) -> list[Image.Image]:
