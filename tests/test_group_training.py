@@ -26,7 +26,7 @@ from vlmrl.rollout import RolloutBuffer
 from vlmrl.rollout.collect import Collector, group_seed
 from vlmrl.seeds import HELD_OUT_SEED_BASE
 from vlmrl.tasks import get_task
-from vlmrl.trainer import group_advantages, make_optimizer, train
+from vlmrl.trainer import group_advantages, train
 
 TIMINGS = ("charts/env_steps_per_second", "charts/tokens_per_second", "charts/update_seconds", "time")
 ESTIMATORS = ("grpo", "rloo", "gigpo")
@@ -188,19 +188,17 @@ def _rows(out):
 
 
 @pytest.mark.parametrize("advantage", ESTIMATORS)
-def test_two_updates_train_every_lm_parameter_and_not_the_value_head(tiny_model, tmp_path, advantage):
+def test_two_updates_train_every_lm_parameter_and_build_no_value_head(tiny_model, tmp_path, advantage):
     cfg = group_config(tiny_model, tmp_path / "run", advantage)
     start = {n: p.detach().clone() for n, p in VLMPolicy.load(tiny_model, cfg.policy_config()).named_parameters()}
-    frozen = []
-    final = train(cfg, progress=False,
-                  callback=lambda r: frozen.append(not any(p.requires_grad for p in r.policy.value_head.parameters())))
+    heads = []
+    final = train(cfg, progress=False, callback=lambda r: heads.append(r.policy.value_head))
+    assert heads == [None, None]  # no value function, so no head is built at all
+    assert not (final / "value_head.safetensors").exists()
     after = dict(VLMPolicy.load(final).named_parameters())
-    assert frozen == [True, True]
-    head = [n for n in start if n.startswith("value_head.")]
-    lm = [n for n in start if n not in head]
-    assert head and len(lm) > 10
+    lm = [n for n in start if not n.startswith("value_head.")]
+    assert len(lm) > 10
     assert [n for n in lm if torch.equal(start[n], after[n].detach())] == []
-    assert all(torch.equal(start[n], after[n].detach()) for n in head)
 
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
@@ -211,15 +209,19 @@ def test_two_updates_train_every_lm_parameter_and_not_the_value_head(tiny_model,
     assert 2 * 4 <= rows[-1]["charts/env_steps"] <= 2 * 4 * 3
 
 
-def test_the_optimizer_leaves_the_value_head_out(tiny_model):
-    policy = VLMPolicy.load(tiny_model, PolicyConfig(finetune="full", train_vision=True))
-    head = {id(p) for p in policy.value_head.parameters()}
+def test_a_policy_without_a_value_head_samples_and_scores_with_zero_values(tiny_model):
+    import numpy as np
 
-    def stepped(ppo):
-        return {id(p) for group in make_optimizer(policy, ppo).param_groups for p in group["params"]}
+    from vlmrl.errors import UserError
 
-    gae, grouped = stepped(PPOConfig()), stepped(PPOConfig(advantage="rloo", group_size=2))
-    assert head and head <= gae and grouped == gae - head
+    policy = VLMPolicy.load(tiny_model, PolicyConfig(finetune="full", train_vision=True), value_head=False)
+    assert policy.value_head is None and not any(n.startswith("value_head.") for n, _ in policy.named_parameters())
+    images = [np.zeros((300, 300, 3), dtype=np.uint8)] * 2
+    gen = policy.generate(images, ["a", "b"], max_new_tokens=4, seed=0)
+    scored = policy.score(images, ["a", "b"], gen.response_ids, gen.lengths)
+    assert torch.equal(gen.values, torch.zeros(2)) and torch.equal(scored.values, torch.zeros(2))
+    with pytest.raises(UserError, match="without a value head"):
+        policy.values(images, ["a", "b"])
 
 
 def test_same_seed_same_metrics(tiny_model, tmp_path):

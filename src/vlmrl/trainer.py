@@ -176,15 +176,16 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
     policy_cfg = cfg.policy_config()
     if policy_cfg.device is None:  # each rank loads onto its own device, not all onto cuda:0
         policy_cfg = dataclasses.replace(policy_cfg, device=str(accelerator.device))
+    # the group estimators have no value function: no value head is built (a given one is dropped)
     if checkpoint is not None:
-        policy = VLMPolicy.load(checkpoint / "policy", policy_cfg)
+        policy = VLMPolicy.load(checkpoint / "policy", policy_cfg, value_head=not grouped)
     elif policy is not None:
         policy.config = policy_cfg
+        if grouped:
+            policy.value_head = None
         policy = policy.to(policy_cfg.device)
     else:
-        policy = VLMPolicy.load(resolve_model(cfg.model, task), policy_cfg)
-    if grouped:  # no value function: the head stays built (VLMPolicy has one) but never trains
-        policy.value_head.requires_grad_(False)
+        policy = VLMPolicy.load(resolve_model(cfg.model, task), policy_cfg, value_head=not grouped)
     optimizer = make_optimizer(policy, ppo)
     span = ppo.lr_schedule_updates or cfg.total_updates
 
@@ -395,10 +396,8 @@ def group_advantages(buffer: RolloutBuffer, ppo: PPOConfig) -> tuple[Tensor, Ten
 
 
 def make_optimizer(policy: VLMPolicy, ppo: PPOConfig) -> torch.optim.AdamW:
-    """AdamW over the policy's trainable parameters (without the value head for a group estimator,
-    which has no value function)."""
-    frozen = {id(p) for p in policy.value_head.parameters()} if ppo.advantage != "gae" else set()
-    params = [p for p in policy.parameters() if p.requires_grad and id(p) not in frozen]
+    """AdamW over the policy's trainable parameters (a group estimator's policy has no value head)."""
+    params = [p for p in policy.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=ppo.lr, eps=ppo.adam_eps, weight_decay=ppo.weight_decay)
 
 

@@ -184,9 +184,11 @@ def _capture_input(module: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 class VLMPolicy(nn.Module):
-    """A VLM (optionally with LoRA adapters), its processor and a value head."""
+    """A VLM (optionally with LoRA adapters), its processor and a value head (None: no value function,
+    for the group estimators; values are then reported as zeros)."""
 
-    def __init__(self, model: nn.Module, processor: Any, value_head: ValueHead, config: PolicyConfig, source: str):
+    def __init__(self, model: nn.Module, processor: Any, value_head: ValueHead | None, config: PolicyConfig,
+                 source: str):
         super().__init__()
         self.model = model
         self.processor = processor
@@ -205,8 +207,9 @@ class VLMPolicy(nn.Module):
 
     # --- loading and saving ---------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike, config: PolicyConfig | None = None) -> "VLMPolicy":
-        """Load a model folder, a hub id, or a folder written by ``save`` (same call for all)."""
+    def load(cls, path: str | os.PathLike, config: PolicyConfig | None = None, value_head: bool = True) -> "VLMPolicy":
+        """Load a model folder, a hub id, or a folder written by ``save`` (same call for all).
+        ``value_head=False`` builds no value head (the group estimators need no value function)."""
         from vlmrl.policy.presets import hub_snapshot, is_hub_id
 
         path = str(path)
@@ -229,7 +232,9 @@ class VLMPolicy(nn.Module):
             _enable_checkpointing(_hf(model))
         hidden = _hf(model).get_output_embeddings().in_features
         head_file = local / VALUE_HEAD_FILE
-        if head_file.is_file():
+        if not value_head:
+            head = None
+        elif head_file.is_file():
             state = load_file(str(head_file))
             head = ValueHead(hidden, state["net.0.weight"].shape[0])
             head.load_state_dict(state)
@@ -246,8 +251,9 @@ class VLMPolicy(nn.Module):
         with quiet_library_bars():
             self.model.save_pretrained(out)
             self.processor.save_pretrained(out)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
-        save_file(state, str(out / VALUE_HEAD_FILE))
+        if self.value_head is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+            save_file(state, str(out / VALUE_HEAD_FILE))
         settings = dataclasses.asdict(self.config) | {"device": None}  # the loading machine decides
         (out / POLICY_CONFIG_FILE).write_text(json.dumps(settings, indent=2))
         return out
@@ -260,7 +266,13 @@ class VLMPolicy(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.value_head.net[0].weight.device
+        return next(self.model.parameters()).device
+
+    def _value(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The value head on [B, H] hidden states, or zeros [B] without a head."""
+        if self.value_head is None:
+            return torch.zeros(hidden.shape[0], device=hidden.device)
+        return self.value_head(hidden)
 
     @property
     def action_constraints(self) -> ActionConstraints:
@@ -409,7 +421,7 @@ class VLMPolicy(nn.Module):
                 out = self.model.generate(
                     **enc.inputs, generation_config=gen_config, logits_processor=LogitsProcessorList([sampler])
                 )
-            values = self.value_head(seen[0][:, -1])
+            values = self._value(seen[0][:, -1])
         finally:
             self.train(was_training)
 
@@ -467,6 +479,8 @@ class VLMPolicy(nn.Module):
                 self.model(**enc.inputs, use_cache=False, **extra)
         finally:
             self.train(was_training)
+        if self.value_head is None:
+            raise UserError("this policy was loaded without a value head (value_head=False): it has no values")
         return self.value_head(seen[-1][:, -1])
 
     def forward(self, *args: Any, **kwargs: Any) -> "Scores":
@@ -517,7 +531,7 @@ class VLMPolicy(nn.Module):
         logp_r, ent_r = lp.token_logprobs(logits[:, :-1], tokens, temperature, self.banned_token_ids, masked)
         logp, ent = lp.right_to_left(logp_r, n), lp.right_to_left(ent_r, n)
         rows = torch.arange(len(n), device=hidden.device)
-        values = self.value_head(hidden[rows, width - n])
+        values = self._value(hidden[rows, width - n])
 
         weights, boundaries = self.cot_weights(enc.response_ids, width, lam)
         weights = weights.to(logp.device)
