@@ -36,6 +36,10 @@ UPDATE_SECONDS = "charts/update_seconds"
 PPO_EPOCHS = "charts/ppo_epochs"
 LEARNING_RATE = "charts/learning_rate"
 NAN_SKIPPED = "charts/nan_skipped"
+# group runs only: the mean over groups of the std of the episode returns within a group (0: no group
+# had a better and a worse episode, so no learning signal), and the episodes cut by the step budget
+GROUP_RETURN_STD = "charts/group_return_std"
+EPISODES_CUT = "charts/episodes_cut"
 LOSS = "losses/loss"
 POLICY_LOSS = "losses/policy_loss"
 VALUE_LOSS = "losses/value_loss"

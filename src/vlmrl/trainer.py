@@ -50,11 +50,6 @@ ACCELERATE_STATE = "accelerate"  # the folder of a checkpoint that accelerator.s
 # PPOLoss field -> its logged name, in the order of the metrics file's columns
 _LOSS_METRICS = {"loss": M.LOSS, "policy_loss": M.POLICY_LOSS, "value_loss": M.VALUE_LOSS, "entropy": M.ENTROPY,
                  "approx_kl": M.APPROX_KL, "clipfrac": M.CLIPFRAC, "kl_ref": M.KL_REF}
-# logged by group runs only: the mean over groups of the std of the episode returns within a group
-# (0: no group had a better and a worse episode, so no learning signal), and the episodes cut by the
-# step budget (num_steps) before they ended
-GROUP_RETURN_STD = "charts/group_return_std"
-EPISODES_CUT = "charts/episodes_cut"
 
 
 class TrainingDiverged(RuntimeError):
@@ -301,8 +296,8 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
             if grouped:  # no value function: no value loss nor explained variance to show
                 metrics.pop(M.VALUE_LOSS, None)
                 stds = [x for r in reports for x in r.group_return_stds]
-                metrics[GROUP_RETURN_STD] = float(np.mean(stds))
-                metrics[EPISODES_CUT] = sum(r.cut for r in reports)
+                metrics[M.GROUP_RETURN_STD] = float(np.mean(stds))
+                metrics[M.EPISODES_CUT] = sum(r.cut for r in reports)
             else:
                 metrics[M.EXPLAINED_VARIANCE] = explained_variance(buffer.values.flatten(), buffer.returns.flatten())
             if main and cfg.eval_every and counters["update"] % cfg.eval_every == 0:
