@@ -21,6 +21,7 @@ from vlmrl.config import (
     SFTConfig,
     TrainConfig,
     add_config_arguments,
+    check_unchanged,
     given_overrides,
     load_config,
     parse_overrides,
@@ -33,8 +34,8 @@ ALIASES = {
     "train": {"out_dir": ["--out"], "total_updates": ["--updates"]},
     "eval": {},
 }
-# what a resumed run may change: where it writes and how far it goes
-RESUMABLE = {"sft": {"out_dir", "progress"}, "train": {"out_dir", "total_updates"}}
+# what a resumed training run may change: where it writes and how far it goes
+RESUMABLE = ("out_dir", "total_updates")
 
 
 def _positive_int(text: str) -> int:
@@ -57,30 +58,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["task"] = get_task(args.task).ref  # a user's own task keeps its import path
     if getattr(args, "split", None):
         out["env_kwargs.split"] = args.split
-    return out
-
-
-def _check_resume(command: str, saved: Any, given: dict[str, Any]) -> None:
-    """A resume continues the saved run: a setting given now that differs from it would be ignored
-    (or break the exact continuation), so it is an error naming each one."""
-    from vlmrl.config import to_dict
-
-    flat = _flatten(to_dict(saved))
-    mine = _flatten(to_dict(load_config(type(saved), to_dict(saved), given)))
-    differ = [f"{k}={mine[k]!r} (the run has {flat.get(k)!r})" for k in sorted(mine)
-              if mine[k] != flat.get(k) and k not in RESUMABLE[command]]
-    if differ:
-        raise UserError(f"{command} --resume: settings differ from the run in {saved.out_dir}: {'; '.join(differ)}. "
-                        "Drop them to continue that run, or start a new --out")
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict) and k in ("ppo", "policy"):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
     return out
 
 
@@ -119,7 +96,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from vlmrl.checkpoint import latest_checkpoint
-    from vlmrl.sft import finished, run_sft, saved_config
+    from vlmrl.sft import check_resume_settings, finished, run_sft, saved_config
 
     given = _overrides(args)
     out = given.get("out_dir")
@@ -127,7 +104,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
         raise UserError("sft needs --out: the run folder (a new one, or the run to continue with --resume)")
     if args.resume:  # the run's own settings; any given here must agree with them
         cfg = saved_config(out)
-        _check_resume("sft", cfg, given)
+        check_resume_settings(cfg, given)
         ckpt = latest_checkpoint(Path(out) / "checkpoints", clean=False)
         where = ("(it had finished: nothing to do)" if finished(out) else
                  f"from {ckpt.name}" if ckpt else "from step 0 (no checkpoint yet)")
@@ -151,8 +128,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if out is None or not saved.is_file():
             raise UserError(f"train --resume: {out or '(no --out)'} holds no run (no config.json): start it without --resume, or pass the run's own --out")
         cfg = load_config(TrainConfig, saved)  # continue with the run's own settings
-        _check_resume("train", cfg, given)
-        cfg = load_config(TrainConfig, saved, {k: v for k, v in given.items() if k in RESUMABLE["train"]})
+        check_unchanged("train", cfg, given, free=RESUMABLE)
+        cfg = load_config(TrainConfig, saved, {k: v for k, v in given.items() if k in RESUMABLE})
     else:
         cfg = load_config(TrainConfig, args.config, given, section="train")
         if not cfg.model:

@@ -518,11 +518,34 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"override {item!r} is not key=value: write e.g. ppo.lr=1e-4")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = None if text.strip().casefold() == "none" else text
-        out[key.strip()] = value
+        out[key.strip()] = _from_text(text)
+    return out
+
+
+def check_unchanged(command: str, saved: Any, given: Mapping[str, Any], free: Sequence[str] = ()) -> None:
+    """One UserError naming every setting that ``given`` (overrides, dotted keys allowed) would change
+    in the config ``saved``, except the fields in ``free``: a resume continues the saved run, so a
+    different value could only be ignored or break the exact continuation."""
+    flat = _flatten(to_dict(saved))
+    mine = _flatten(to_dict(load_config(type(saved), to_dict(saved), given)))
+    # a whole value given (env_kwargs={}) replaces the saved one, where the loader would merge it
+    mine.update({k: json.loads(json.dumps(v, default=str)) for k, v in given.items()
+                 if "." not in k and k not in ("ppo", "policy")})
+    differ = [f"{k}={mine[k]!r} (the run has {flat.get(k)!r})" for k in sorted(mine)
+              if mine[k] != flat.get(k) and k not in free]
+    if differ:
+        raise UserError(f"{command} --resume: settings differ from the run in {saved.out_dir}: {'; '.join(differ)}. "
+                        "Drop them to continue that run, or start a new --out")
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config sections as dotted keys: {"ppo": {"lr": 1}} -> {"ppo.lr": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and k in ("ppo", "policy"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
     return out
 
 
@@ -780,5 +803,5 @@ def _shown(value: Any) -> str:
 
 
 __all__ = [
-    "EvalConfig", "RECIPE_SECTIONS", "SFTConfig", "add_config_arguments", "given_overrides", "is_recipe", "read_recipe", "PPOConfig", "TrainConfig", "load_config", "parse_overrides", "save_config", "to_dict", "validate",
+    "EvalConfig", "RECIPE_SECTIONS", "SFTConfig", "check_unchanged", "add_config_arguments", "given_overrides", "is_recipe", "read_recipe", "PPOConfig", "TrainConfig", "load_config", "parse_overrides", "save_config", "to_dict", "validate",
 ]

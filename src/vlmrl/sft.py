@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from vlmrl.algorithms import cosine_schedule
 from vlmrl.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
-from vlmrl.config import SFTConfig, validate
+from vlmrl.config import SFTConfig, check_unchanged, validate
 from vlmrl.errors import UserError
 from vlmrl.files import write_atomic
 from vlmrl.policy.hf import quiet_library_bars
@@ -155,17 +155,9 @@ def saved_config(out_dir: str | os.PathLike) -> SFTConfig:
 
 
 def check_resume_settings(saved: SFTConfig, given: dict[str, Any]) -> None:
-    """One ``UserError`` naming every setting in ``given`` that differs from the saved run's: a resume
-    continues that run, so a different value could only be ignored or break the bit-exact continuation."""
-    def plain(x: Any) -> Any:  # a JSON round trip, as the saved side had (tuples -> lists, ...)
-        return json.loads(json.dumps(x, default=str))
-
-    have = plain(dataclasses.asdict(saved))
-    diff = [f"{k}={plain(v)!r} (the run has {have.get(k)!r})" for k, v in sorted(given.items())
-            if k not in _NOT_SETTINGS and plain(v) != have.get(k)]
-    if diff:
-        raise UserError(f"sft --resume: settings differ from the run in {saved.out_dir}: {'; '.join(diff)}. "
-                        "Drop them to continue that run, or start a new --out")
+    """One ``UserError`` naming every setting in ``given`` that differs from the saved run's
+    (``out_dir`` and ``progress`` may: they change nothing the run computes)."""
+    check_unchanged("sft", saved, given, free=_NOT_SETTINGS)
 
 
 def _existing_run(out: Path) -> str | None:
