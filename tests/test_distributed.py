@@ -38,10 +38,13 @@ from vlmrl.cli import main
 report_dir = os.environ["VLMRL_TEST_REPORTS"]
 
 def report(r):
+    # written whole or not at all: when one rank crashes the launcher may kill the other mid-save
+    path = os.path.join(report_dir, f"rank{r.rank}-update{r.update}.pt")
     torch.save({"rank": r.rank, "world_size": r.world_size, "episodes": r.episodes,
                 "env_steps": r.env_steps,
                 "weights": {n: p.detach().cpu().clone() for n, p in r.policy.named_parameters()}},
-               os.path.join(report_dir, f"rank{r.rank}-update{r.update}.pt"))
+               path + ".part")
+    os.replace(path + ".part", path)
     if r.update == int(os.environ.get("VLMRL_TEST_CRASH_AT", "0")):
         os._exit(17)
 
