@@ -16,7 +16,7 @@ def key(task, info):
 
 
 def word(env, w):
-    return env.unwrapped.action_words.index(w)
+    return list(env.get_wrapper_attr("action_words")).index(w)
 
 
 def test_the_default_is_no_key_and_the_shipped_tasks_have_one():
@@ -24,7 +24,7 @@ def test_the_default_is_no_key_and_the_shipped_tasks_have_one():
         name = "Mine"
 
     assert Mine().state_key({"anything": 1}) is None and not Mine().has_state_key
-    for name in ("NumberLine", "EZPoints", "Points24", "Blackjack", "ALFWorld"):
+    for name in ("NumberLine", "EZPoints", "Points24", "Blackjack", "ALFWorld", "FrozenLake"):
         assert get_task(name).has_state_key, name
 
 
@@ -96,3 +96,21 @@ def test_alfworld_key_is_what_the_agent_is_shown():
     # "Nothing happens." in two places is two states
     assert key("ALFWorld", info("Nothing happens.", ["look"])) != key("ALFWorld", info("Nothing happens.", ["open drawer 1"]))
     assert key("ALFWorld", here) != key("ALFWorld", info("You arrive at sink 1.", ["look", "go to desk 1"], goal="x"))
+
+
+def test_frozenlake_key_is_the_map_and_the_cell():
+    lake = ["SFFF", "FHFH", "FFFH", "HFFG"]
+    env = gym.make("vlmrl/FrozenLake-v0")
+
+    def walk(*words, desc=lake):
+        _, info = env.reset(seed=0, options={"desc": desc})
+        for w in words:
+            *_, info = env.step(word(env, w))
+        return info
+
+    # cell (0, 1) reached directly and by a detour (right, right, left) is one state
+    assert key("FrozenLake", walk("right")) == key("FrozenLake", walk("right", "right", "left"))
+    assert key("FrozenLake", walk("right")) != key("FrozenLake", walk("down"))
+    # the same cell on another map is another state
+    other = ["SFFF", "FFFH", "FFFH", "HFFG"]
+    assert key("FrozenLake", walk("right")) != key("FrozenLake", walk("right", desc=other))

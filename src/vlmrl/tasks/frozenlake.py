@@ -178,6 +178,11 @@ def random_moves(info: Info) -> list[int]:
     return safe_moves(info) or list(range(len(ACTION_WORDS)))
 
 
+def state_key(info: Info) -> tuple[tuple[str, ...], int]:
+    # The map and the cell are the whole state (FrozenLake has no other memory); the step count is not.
+    return tuple(info["map"]), int(info["obs"])
+
+
 def describe(info: Info) -> str:
     n = len(info["map"])
     text = (f"The image shows a {n}x{n} frozen lake from above, row 0 at the top and column 0 at the left. "
@@ -203,6 +208,7 @@ TASK = GymTask(
     thoughts=thoughts,
     random_actions=random_moves,
     extra_info=lake_info,
+    state_key=state_key,
 )
 
 

@@ -19,7 +19,8 @@ one word per action, the description, and where the policy's view comes from:
 The optional pieces say what CoT answers and SFT write: ``state_fields`` with ``state_text(info)``
 (their true values, ``read_state``), ``expert(info)`` (an action index) and ``thoughts(info, action)``.
 ``extra_info(env, obs, info)`` adds what those functions need and the info lacks (read from the base
-env, e.g. FrozenLake's map), so the task side still reads only info.
+env, e.g. FrozenLake's map), so the task side still reads only info. ``state_key(info)`` (a hashable
+key of the true state) lets GiGPO group identical states; without it a GiGPO run refuses to start.
 
 The env is wrapped in ``TaskWrapper``: it publishes ``action_words``, puts ``info["action_words"]``,
 ``info["obs"]`` (the raw observation as JSON-able data; not for image observations) and the extra
@@ -29,7 +30,8 @@ info in every info, and returns the image as the observation. Gymnasium's API is
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -172,6 +174,7 @@ class GymTask(Task):
         thoughts: Callable[[Info, int], str] | None = None,
         random_actions: Callable[[Info], Sequence[int]] | None = None,
         extra_info: Callable[[gym.Env, Any, Info], Mapping[str, Any]] | None = None,
+        state_key: Callable[[Info], Hashable] | None = None,
     ):
         if not isinstance(name, str) or not name.strip():
             raise UserError(f"GymTask: name must be a non-empty string, got {name!r}")
@@ -197,6 +200,7 @@ class GymTask(Task):
         self._describe = description if callable(description) else None
         self._obs_text, self._state_text, self._expert = obs_text, state_text, expert
         self._thoughts, self._random_actions, self._extra_info = thoughts, random_actions, extra_info
+        self._state_key = state_key
 
     # --- envs -------------------------------------------------------------------------------------
     def build_env(self, **kwargs: Any) -> TaskWrapper:
@@ -243,6 +247,13 @@ class GymTask(Task):
     @property
     def has_expert(self) -> bool:
         return self._expert is not None
+
+    @property
+    def has_state_key(self) -> bool:
+        return self._state_key is not None
+
+    def state_key(self, info: Info) -> Hashable | None:
+        return self._state_key(info) if self._state_key is not None else None
 
     def describe(self, info: Info) -> str:
         return self._describe(info) if self._describe is not None else self.description
