@@ -1,15 +1,19 @@
-"""ALFWorld end to end on a tiny text model: walkthrough SFT -> PPO -> success per task type.
+"""ALFWorld end to end on a tiny text model: expert SFT -> PPO -> success per task type.
 
     export ALFWORLD_DATA=../shared/data/alfworld OMP_NUM_THREADS=1
     python benchmarks/alfworld.py --budget 60 --out runs/alfworld
+    python benchmarks/alfworld.py --stage demos   # only collect (and cache) the demonstrations
 
 Stages, each timed:
 1. the tiny ALFWorld model (``tiny_preset_path(task="ALFWorld")``: tokenizer trained on 40 train
    walkthroughs; built once and cached);
-2. demonstrations: ``--sft-games`` train games played along their stored walkthrough, plus
-   ``--detour-games`` more with random detours (a random command with probability 0.3, after which
-   the walkthrough walks back where it was going; an episode stops where the detour changed the
-   world). Only the walkthrough's own answers are learned. Cached under ``$VLMRL_CACHE/demos``;
+2. demonstrations by ``--expert`` (default handcoded: alfworld's searching expert; a game it does not
+   win within 50 steps is demonstrated by its stored walkthrough instead): ``--sft-games`` train
+   games (default every one of the split's 600, each exactly once), plus ``--detour-games`` more with
+   random detours (a random command with probability 0.3; the handcoded expert goes on from wherever
+   the detour led, the walkthrough only after detours that leave the world as it was). Only the
+   expert's own answers are learned. Cached under ``$VLMRL_CACHE/demos`` (``--stage demos`` stops
+   here, printing the cache files);
 3. SFT (full fine-tuning, CoT answers, the policy's text-only prompt);
 4. PPO on random train games (``vlmrl.trainer.train``);
 5. evaluation on every game of ``--split`` (valid_unseen: 134 games) exactly once, sampling at
@@ -18,8 +22,8 @@ Stages, each timed:
 ``--budget`` (minutes) sizes the stages that have no explicit flag: SFT gets about 35% of it, PPO
 what is left after the estimated evaluation time. The rates it uses were measured on the 2-core CPU
 shared with other jobs (load about 5, one thread per process): 0.67 s per SFT step of 16 examples,
-about 74 s per PPO update of 8 envs x 16 steps, 2 s per demonstration game when the machine is
-idle (4-8 s at that load). ``--stage eval --policy DIR`` only evaluates; ``--sft-dir DIR`` starts
+about 74 s per PPO update of 8 envs x 16 steps, 2 s per walkthrough demonstration game when the
+machine is idle (4-8 s at that load; the handcoded expert's searches take about twice as long). ``--stage eval --policy DIR`` only evaluates; ``--sft-dir DIR`` starts
 from an SFT result.
 """
 
@@ -89,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=60.0, help="minutes for the whole pipeline (sizes unset stages)")
     p.add_argument("--out", default="runs/alfworld")
-    p.add_argument("--stage", choices=("all", "eval"), default="all")
+    p.add_argument("--stage", choices=("all", "demos", "eval"), default="all")
     p.add_argument("--policy", default=None, help="with --stage eval: the policy folder to evaluate")
-    p.add_argument("--sft-games", type=int, default=320, help="train games demonstrated along the walkthrough")
+    p.add_argument("--expert", choices=("handcoded", "walkthrough"), default="handcoded",
+                   help="the demonstrator (handcoded: searching, the walkthrough where it does not win)")
+    p.add_argument("--sft-games", type=int, default=None,
+                   help="train games demonstrated, each once (default: all of them)")
     p.add_argument("--detour-games", type=int, default=160, help="train games demonstrated with random detours")
     p.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps (default: from --budget)")
     p.add_argument("--sft-dir", default=None, help="start PPO from this SFT result instead of running SFT")
@@ -139,13 +146,35 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + table({Path(args.policy).name: result}))
         return 0
 
-    from vlmrl.config import PolicyConfig, PPOConfig, TrainConfig
-    from vlmrl.policy.tiny import tiny_preset_path
-    from vlmrl.sft import SFTConfig, cached_demonstrations, run_sft
     from vlmrl.tasks import get_task
-    from vlmrl.trainer import train
+    from vlmrl.tasks.alfworld import ALFWorldEnv
+    from vlmrl.tasks.demos import cache_path, cached_demonstrations
 
     task = get_task("ALFWorld")
+    train_kwargs = {"split": "train"} if args.expert == "walkthrough" else {"split": "train", "expert": args.expert}
+    sft_games = args.sft_games or len(ALFWorldEnv(split="train").games)
+    demo_sets = [(sft_games, 0.0, args.seed)] + ([(args.detour_games, 0.3, args.seed + 1)] if args.detour_games else [])
+
+    def demonstrations() -> list[Any]:
+        t0 = time.perf_counter()
+        demos = []
+        for games, fraction, seed in demo_sets:
+            demos += cached_demonstrations(task, games, fraction, True, seed, train_kwargs, progress=progress)
+        lap("demonstrations", t0)
+        print(f"[alfworld] {len(demos)} steps, {sum(d.expert for d in demos)} of them the expert's", flush=True)
+        return demos
+
+    if args.stage == "demos":
+        demonstrations()
+        for games, fraction, seed in demo_sets:
+            print(f"[alfworld] cached: {cache_path(task, games, fraction, True, seed, train_kwargs)}")
+        return 0
+
+    from vlmrl.config import PolicyConfig, PPOConfig, TrainConfig
+    from vlmrl.policy.tiny import tiny_preset_path
+    from vlmrl.sft import SFTConfig, run_sft
+    from vlmrl.trainer import train
+
     budget_s = args.budget * 60
     eval_games = args.eval_games or 134
     sft_steps = args.sft_steps or max(50, int(0.35 * budget_s / SEC_PER_SFT_STEP))
@@ -157,13 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sft_dir:
         sft_dir = Path(args.sft_dir)
     else:
-        t0 = time.perf_counter()
-        demos = cached_demonstrations(task, args.sft_games, 0.0, True, args.seed, {"split": "train"})
-        if args.detour_games:
-            demos += cached_demonstrations(task, args.detour_games, 0.3, True, args.seed + 1, {"split": "train"})
-        lap("demonstrations", t0)
-        print(f"[alfworld] {len(demos)} steps, {sum(d.expert for d in demos)} of them the walkthrough's", flush=True)
-
+        demos = demonstrations()
         t0 = time.perf_counter()
         sft_cfg = SFTConfig(task="ALFWorld", model=str(model), out_dir=str(out / "sft"), steps=sft_steps,
                             batch_size=args.batch_size, lr=args.sft_lr, warmup_steps=50, expert_only=True,

@@ -28,21 +28,36 @@ the paper, where such a reply also cost 1.
 
 Episodes terminate when the task is won and are truncated after ``max_steps`` (50) steps.
 
-Expert: the game file's stored walkthrough (it won every game tried). ``info["expert_action"]`` is its
-next command while the agent is still on it; detours that leave the world unchanged (look, examine,
-inventory, help) or only move the agent keep it (the expert first walks back); any other deviation
-leaves no expert (``None``), unless ``replan_expert=True``, which asks the PDDL planner for a new plan
-(about 4 s a call, once per deviation).
+Expert (``expert=``), ``info["expert_action"]``: its next command, always one of the step's
+``admissible_commands``, or ``None`` where it has none.
+- ``"walkthrough"`` (default): the game file's stored walkthrough (it won every game tried). Its next
+  command while the agent is still on it; detours that leave the world unchanged (look, examine,
+  inventory, help) or only move the agent keep it (the expert first walks back); any other deviation
+  leaves no expert (``None``), unless ``replan_expert=True``, which asks the PDDL planner for a new
+  plan (about 4 s a call, once per deviation).
+- ``"handcoded"``: alfworld's handcoded TextWorld expert (``alfworld.agents.expert``), which searches
+  the room for what it needs. It is fed every command actually played, the agent's own included, so
+  it proposes a command from any state the agent reaches (what DAgger needs). Its random choices draw
+  from a generator spawned from ``np_random``, so the same seed gives the same episode. Three narrow
+  corrections of alfworld 0.4.2's expert, at run time (``_SearchFixes``): it tracks ``move X to Y``
+  as the ``put`` it was written for; it forgets "close R" chores once it has walked away from R; and
+  where its ``go to R`` is inadmissible because R shares the agent's spot, it proposes
+  ``examine R``. Where its command is still inadmissible, ``expert_action`` is ``None`` for that step
+  (it keeps tracking). It does not win every game (pick_two within 50 steps especially): demonstration
+  collection (``vlmrl.tasks.demos``) replays a game it did not win with the walkthrough, which it
+  asks for with the reset option ``{"expert": "walkthrough"}`` (``fallback_expert``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import string
-from functools import lru_cache
+from contextlib import contextmanager
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import gymnasium as gym
 from gymnasium import spaces
@@ -59,6 +74,7 @@ TASK_TYPES = (
     "pick_two_obj_and_place",
 )
 SPLITS = ("train", "valid_train", "valid_seen", "valid_unseen")
+EXPERTS = ("walkthrough", "handcoded")
 #: size of the Discrete action space; admissible lists are far shorter (a few dozen commands)
 MAX_COMMANDS = 512
 #: longest observation text kept (the engine's replies are well under 1,000 characters)
@@ -227,12 +243,13 @@ def select_games(split: str, task_types: str | Sequence[str] | None, data_path: 
     return types, root, games
 
 
-def choose_game(games: Sequence[str], rng: Any, options: dict[str, Any]) -> str:
+def choose_game(games: Sequence[str], rng: Any, options: dict[str, Any], accepted: Sequence[str] = ("game",)) -> str:
     """The game a reset plays: ``options["game"]`` (an index into ``games`` or a game file / folder
-    path) if given, else one drawn with ``rng`` (the env's ``np_random``)."""
-    unknown = set(options) - {"game"}
+    path) if given, else one drawn with ``rng`` (the env's ``np_random``). ``accepted``: the reset
+    options the caller takes (those other than "game" it reads itself)."""
+    unknown = set(options) - set(accepted)
     if unknown:
-        raise UserError(f"unknown ALFWorld reset options {sorted(unknown)}: only 'game' is accepted")
+        raise UserError(f"unknown ALFWorld reset options {sorted(unknown)}: only {', '.join(map(repr, accepted))} accepted")
     game = options.get("game")
     if game is None:
         return games[int(rng.integers(len(games)))]
@@ -261,9 +278,13 @@ class ALFWorldEnv(gym.Env):
     Arguments: ``split`` (train, valid_train, valid_seen, valid_unseen); ``task_types`` (a subset of
     TASK_TYPES, default all); ``data_path`` (default ``$ALFWORLD_DATA``); ``max_steps`` (truncation);
     ``num_games`` (keep only the first N games of the split, by path); ``success_reward`` and
-    ``invalid_penalty`` (50 and 1 in the paper); ``replan_expert`` (plan again after a deviation).
+    ``invalid_penalty`` (50 and 1 in the paper); ``expert`` ("walkthrough" or "handcoded", see the
+    module docstring); ``replan_expert`` (walkthrough only: plan again after a deviation).
     ``reset(seed=...)`` draws the game with ``self.np_random``; ``options={"game": i}`` takes game
-    ``i`` of ``self.games``, or a game file / folder path, instead.
+    ``i`` of ``self.games``, or a game file / folder path, instead; ``options={"expert": name}`` plays
+    that episode with another expert ("walkthrough", or "handcoded" on an env made with it).
+    ``fallback_expert``: the expert that demonstrates a game this env's expert did not win (None for
+    the walkthrough itself).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
@@ -279,15 +300,21 @@ class ALFWorldEnv(gym.Env):
         invalid_penalty: float = 1.0,
         replan_expert: bool = False,
         render_mode: str | None = None,
+        expert: str = "walkthrough",
     ) -> None:
         if render_mode not in (None, "ansi"):
             raise UserError(f"render_mode {render_mode!r} is not supported: use None or 'ansi'")
+        _check_expert(expert)
+        if replan_expert and expert != "walkthrough":
+            raise UserError(f"replan_expert=True replans the walkthrough: it does not apply to expert={expert!r}")
         self.split = split
         self.task_types, self.root, self.games = select_games(split, task_types, data_path, num_games, max_steps)
         self.max_steps = max_steps
         self.success_reward = float(success_reward)
         self.invalid_penalty = float(invalid_penalty)
         self.replan_expert = replan_expert
+        self.expert = expert
+        self.fallback_expert = None if expert == "walkthrough" else "walkthrough"
         self.render_mode = render_mode
         self.action_space = spaces.Discrete(MAX_COMMANDS)
         self.observation_space = spaces.Text(OBS_MAX_CHARS, min_length=1, charset=OBS_CHARSET)
@@ -302,18 +329,30 @@ class ALFWorldEnv(gym.Env):
         self._observation = ""
         self._last_command: str | None = None
         self._steps = 0
-        self._plan: list[str] | None = None  # the expert's commands; None once off the plan
-        self._pos = 0  # index of the expert's next command in _plan
+        self._plan: list[str] | None = None  # the walkthrough's commands; None once off the plan
+        self._pos = 0  # index of the walkthrough's next command in _plan
+        self._searcher: _SearchingExpert | None = None  # the handcoded expert of this episode, if playing
 
     # --- gymnasium API ----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, Info]:
         super().reset(seed=seed)
-        game = choose_game(self.games, self.np_random, options or {})
+        options = dict(options or {})
+        expert = options.pop("expert", self.expert)
+        _check_expert(expert)
+        if expert == "handcoded" and self.expert != "handcoded":
+            raise UserError("reset option expert='handcoded' needs an env made with expert='handcoded' "
+                            "(it requests the facts that expert reads)")
+        game = choose_game(self.games, self.np_random, options, accepted=("game", "expert"))
         self._load(game)
         self._state = self._tw.reset()
         self._facts = to_facts(self._state["_facts"])
         self._observation, self._goal = split_intro(self._state.feedback)
         self._plan, self._pos = list(self._state.get("extra.walkthrough") or []), 0
+        self._searcher = None
+        if expert == "handcoded":
+            # spawn() draws nothing from np_random: the games drawn are those of the walkthrough env
+            rng = random.Random(int(self.np_random.spawn(1)[0].integers(2**63)))
+            self._searcher = _SearchingExpert(game, self._state, rng, self.max_steps + 1)
         self._last_command = None
         self._steps = 0
         return self._observation, self._info()
@@ -331,7 +370,10 @@ class ALFWorldEnv(gym.Env):
             self._state, _, _ = self._tw.step(command)
             self._facts = to_facts(self._state["_facts"])
             self._observation = clean_text(self._state.feedback)
-            self._follow_plan(command, before)
+            if self._searcher is not None:
+                self._searcher.observe(self._state, command)
+            else:
+                self._follow_plan(command, before)
         else:
             command = None
             self._observation = NOTHING  # the engine's reply to a command it does not know
@@ -362,7 +404,9 @@ class ALFWorldEnv(gym.Env):
             return
         if self._tw is None:
             textworld, pddl_env, demangler = _engine()
-            requested = textworld.EnvInfos(won=True, admissible_commands=True, extras=["walkthrough"])
+            # facts (readable names) only for the handcoded expert: they cost about 0.1 s a step
+            requested = textworld.EnvInfos(won=True, admissible_commands=True, facts=self.expert == "handcoded",
+                                           extras=["walkthrough"])
             # One engine for the env's lifetime: each PddlEnv loads its own copy of the planner's
             # shared library and never unloads it, so one per game would leak.
             self._tw = demangler(pddl_env(requested))
@@ -397,6 +441,8 @@ class ALFWorldEnv(gym.Env):
             self._plan = list(inner._pddl_state.replan(inner._entity_infos) or []) or None
 
     def _expert_command(self) -> str | None:
+        if self._searcher is not None:
+            return self._searcher.command
         if self._plan is None or self._pos >= len(self._plan):
             return None
         command = self._plan[self._pos]
@@ -454,6 +500,115 @@ def _memoize_translation(fast_downward: Any) -> None:
     fast_downward.pddl2sas = pddl2sas
 
 
+def _check_expert(expert: Any) -> None:
+    if expert not in EXPERTS:
+        raise UserError(f"unknown ALFWorld expert {expert!r}: choose one of {', '.join(EXPERTS)}")
+
+
+class _SearchingExpert:
+    """alfworld's handcoded TextWorld expert for one episode, fed every command actually played.
+
+    The protocol is alfworld's own (``AlfredExpert``): ``observe`` the intro once, then after every
+    step ``act(state, last_command)``, which first updates its beliefs (where it is, what it holds,
+    what it has seen) from that command and its feedback, then proposes the next command. Unlike
+    ``AlfredExpert`` it asks for a first command on the intro instead of opening with "look", and an
+    inadmissible proposal becomes ``None`` instead of "look".
+    """
+
+    def __init__(self, game: str, state: Any, rng: random.Random, max_steps: int) -> None:
+        self._agent = _handcoded_agent_class()(max_steps=max_steps)
+        self._agent.reset(game)  # reads the task's pddl_params from the game's traj_data.json
+        self._agent.observe(state["feedback"])
+        self._rng = rng
+        self._lost = False
+        self._substitute: tuple[str, str] | None = None  # (examine R, the go to R it stands for)
+        self.command: str | None = None
+        self._ask(state, "")
+
+    def observe(self, state: Any, command: str) -> None:
+        """Feed the command just played (by anyone) and the state it led to; update ``command``."""
+        if self._substitute is not None and command == self._substitute[0]:
+            command = self._substitute[1]  # the tracker learns it is at R, as if it had walked there
+        self._ask(state, command)
+
+    def _ask(self, state: Any, last_command: str) -> None:
+        self._substitute, self.command = None, None
+        if self._lost or state["won"]:
+            return
+        from alfworld.agents.expert import (
+            HandCodedAgentFailed,
+            HandCodedAgentTimeout,
+            handcoded_expert,
+        )
+
+        try:
+            with _random_of(handcoded_expert, self._rng):
+                command = self._agent.act(state, 0, False, last_command)
+        except (HandCodedAgentTimeout, HandCodedAgentFailed, IndexError, KeyError):
+            # out of steps or out of ideas; its heuristics also index empty lists (no receptacle left
+            # to search, an empty inventory) in states they were not written for
+            self._lost = True
+            return
+        admissible = state["admissible_commands"]
+        if command.startswith("go to ") and command not in admissible:
+            here = "examine " + command[len("go to "):]
+            if here in admissible:  # R shares the agent's spot ("shelf 2" and "shelf 3"): look at it
+                self._substitute, command = (here, command), here
+        self.command = command if command in admissible else None
+
+
+@contextmanager
+def _random_of(module: Any, rng: random.Random) -> Iterator[None]:
+    """Point ``module.random`` at ``rng`` for a while.
+
+    The expert draws with the ``random`` module (which of two equal objects to take; a random command
+    to break out of repeating itself): its module's name for it is pointed at the episode's own
+    generator, so episodes are seeded and the process's global random state is left alone. Not for
+    threads: the envs of one process step one after another (the worker pool uses processes).
+    """
+    saved = module.random
+    module.random = rng
+    try:
+        yield
+    finally:
+        module.random = saved
+
+
+@lru_cache(maxsize=1)
+def _handcoded_agent_class() -> type:
+    """alfworld's ``HandCodedTWAgent`` whose task policies carry ``_SearchFixes``."""
+    _engine()  # the same clear error where alfworld is missing
+    from alfworld.agents.expert import HandCodedTWAgent
+
+    class SearchingTWAgent(HandCodedTWAgent):
+        def get_task_policy(self, task_param: dict[str, Any]) -> type:
+            return _fixed_policy(super().get_task_policy(task_param))
+
+    return SearchingTWAgent
+
+
+@cache
+def _fixed_policy(policy: type) -> type:
+    return type(policy.__name__, (_SearchFixes, policy), {})
+
+
+class _SearchFixes:
+    """Run-time corrections of alfworld 0.4.2's handcoded expert (the installed package is unchanged)."""
+
+    def update_state_tracking(self, game_state: Any, last_action: str) -> None:
+        # alfworld 0.4 renamed the command "put X in/on Y" to "move X to Y", but the tracker
+        # (handcoded_expert.py, BasePolicy.update_state_tracking) still looks for "put": after placing
+        # an object it believed it still held it, so on pick_two (and after discarding a wrong
+        # object) it kept proposing an inadmissible move.
+        tracked = "put " + last_action[len("move "):] if last_action.startswith("move ") else last_action
+        super().update_state_tracking(game_state, tracked)  # type: ignore[misc]
+        if last_action.startswith("go to "):
+            # It queues "close R" after opening R and pops it later wherever it stands (after taking
+            # what it found in R, it would propose closing R from the sink): R is closed only from R.
+            keep = f"close {self.curr_recep}"  # type: ignore[attr-defined]
+            self.action_backlog = [a for a in self.action_backlog if a == keep]  # type: ignore[has-type]
+
+
 # --- the task's text side -------------------------------------------------------------------------
 class ALFWorldTask(Task):
     name = "ALFWorld"
@@ -487,8 +642,9 @@ class ALFWorldTask(Task):
         command = info.get("expert_action")
         if command is None:
             raise ValueError(
-                "no expert command here: the agent left the walkthrough (or the game is over); "
-                "create the env with replan_expert=True to plan again from any state"
+                "no expert command here: the agent left the walkthrough, the handcoded expert has no "
+                "admissible command, or the game is over; create the env with expert='handcoded' (or "
+                "replan_expert=True) for an expert from any state"
             )
         return list(info["admissible_commands"]).index(command)
 
