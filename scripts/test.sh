@@ -3,7 +3,7 @@
 # then runs the whole suite (CPU, minutes). VLMRL_LATEST=1 tests the newest releases instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VLMRL_EXTRAS="dev,alfworld" bash scripts/setup.sh
+VLMRL_EXTRAS="dev,alfworld,bench" bash scripts/setup.sh
 if [ "${VLMRL_LATEST:-0}" = 1 ]; then . .venv-latest/bin/activate; else . .venv/bin/activate; fi
 # ALFWorld game files live beside the checkout; tests that need them skip with a message otherwise.
 if [ -z "${ALFWORLD_DATA:-}" ] && [ -d ../shared/data/alfworld ]; then
