@@ -13,6 +13,17 @@ def test_eval_prints_a_table_and_writes_json(tmp_path, capsys):
     assert data["success_rate"] == 1.0 and data["episodes"] == 5 and len(data["success_ci95"]) == 2
 
 
+def test_eval_in_worker_processes_gives_the_same_result(tmp_path):
+    # the random policy's draws and the envs' seeds do not depend on where the envs step
+    results = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}.json"
+        assert main(["eval", "NumberLine", "--policy", "random", "--episodes", "12", "--num-envs", "4",
+                     "--env-workers", workers, "--json", str(out), "--quiet"]) == 0
+        results.append({k: v for k, v in json.loads(out.read_text()).items() if "time" not in k and "second" not in k})
+    assert results[0] == results[1] and results[0]["episodes"] == 12
+
+
 def test_render_writes_pngs(tmp_path):
     from PIL import Image
 

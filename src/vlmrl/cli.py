@@ -34,8 +34,9 @@ ALIASES = {
     "train": {"out_dir": ["--out"], "total_updates": ["--updates"]},
     "eval": {},
 }
-# what a resumed training run may change: where it writes and how far it goes
-RESUMABLE = ("out_dir", "total_updates")
+# what a resumed training run may change: where it writes, how far it goes, and how many processes
+# step its envs (the transitions are the same either way)
+RESUMABLE = ("out_dir", "total_updates", "env_workers")
 
 
 def _positive_int(text: str) -> int:
@@ -75,8 +76,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     once = task.name.startswith("ALFWorld")
     episodes = cfg.episodes if cfg.episodes or once else 100
     policy = make_policy(cfg.policy, task, cfg)
-    result = evaluate(task, policy, episodes, seed=cfg.seed, num_envs=cfg.num_envs, env_kwargs=cfg.env_kwargs,
-                      progress=not args.quiet, each_game_once=once, history_length=cfg.history_length)
+    result = evaluate(task, policy, episodes, seed=cfg.seed, num_envs=cfg.num_envs, env_workers=cfg.env_workers,
+                      env_kwargs=cfg.env_kwargs, progress=not args.quiet, each_game_once=once,
+                      history_length=cfg.history_length)
     print(result.table())
     if args.json:
         write_json(result, args.json)

@@ -159,6 +159,9 @@ class TrainConfig:
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     # Parallel environments; the policy samples one batch of num_envs responses per step.
     num_envs: int = 4
+    # Processes that step the envs (each its share, all at the same time, through Gymnasium's
+    # AsyncVectorEnv) for slow envs like ALFWorld; 0: in this process, one after another. Same results.
+    env_workers: int = 0
     # Steps per environment per update; num_envs * num_steps transitions per update (paper: 1 x 512).
     num_steps: int = 128
     # PPO updates in the run (paper NumberLine: 15000 env steps / 512 = 29).
@@ -296,6 +299,8 @@ class EvalConfig:
     seed: int = 0
     # Episodes played at once (one batch per step).
     num_envs: int = 16
+    # Processes that step the envs (see TrainConfig.env_workers); 0: in this process. Same results.
+    env_workers: int = 0
     # Sampling temperature of model policies (paper: 0.2).
     temperature: float = 0.2
     # Longest response sampled from a model policy; None: the policy's own (256).
@@ -362,6 +367,7 @@ _CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
         ("episodes", lambda v: v >= 1, ">= 1"),
         ("seed", lambda v: v >= 0, ">= 0"),
         ("num_envs", lambda v: v >= 1, ">= 1"),
+        ("env_workers", lambda v: v >= 0, ">= 0 (0: the envs in this process)"),
         ("temperature", lambda v: v >= 0, ">= 0 (0: greedy)"),
         ("max_new_tokens", lambda v: v >= 1, ">= 1"),
     ],
@@ -369,6 +375,7 @@ _CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
         ("history_length", lambda v: v >= 0, ">= 0"),
         ("task", lambda v: bool(v.strip()), "a task name"),
         ("num_envs", lambda v: v >= 1, ">= 1"),
+        ("env_workers", lambda v: v >= 0, ">= 0 (0: the envs in this process)"),
         ("num_steps", lambda v: v >= 1, ">= 1"),
         ("total_updates", lambda v: v >= 1, ">= 1"),
         ("seed", lambda v: v >= 0, ">= 0"),

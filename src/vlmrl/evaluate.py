@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -21,11 +22,11 @@ from tqdm.auto import tqdm
 from vlmrl.errors import UserError
 from vlmrl.files import write_atomic
 from vlmrl.metrics import wilson_interval
+from vlmrl.rollout.pool import make_env_pool
 from vlmrl.seeds import held_out_seed
 from vlmrl.tasks import Task
 from vlmrl.tasks.base import Memory, episode_success, observation_image
 from vlmrl.tasks.parsing import parse_action
-
 
 
 class TextPolicy(Protocol):
@@ -83,7 +84,7 @@ class ModelPolicy:
 
     @classmethod
     def load(cls, path: str, task: Task, cot: bool = True, temperature: float = 0.2, seed: int = 0,
-             max_new_tokens: int | None = None, name: str | None = None) -> "ModelPolicy":
+             max_new_tokens: int | None = None, name: str | None = None) -> ModelPolicy:
         from vlmrl.config import PolicyConfig
         from vlmrl.policy.model import POLICY_CONFIG_FILE, VLMPolicy
         from vlmrl.policy.presets import is_hub_id, resolve_model
@@ -176,6 +177,7 @@ def evaluate(
     keep_samples: int = 3,
     each_game_once: bool = False,
     history_length: int = 0,
+    env_workers: int = 0,
 ) -> EvalResult:
     """Play ``episodes`` held-out episodes, ``num_envs`` at a time (one batched ``act`` per step).
 
@@ -185,13 +187,14 @@ def evaluate(
     game i (``reset(options={"game": i})``) instead of a seeded draw, so ``episodes=None`` plays the
     whole split exactly once, as a benchmark evaluation should (and N its first N games).
     ``history_length`` K: the prompt carries the episode's last K steps (``tasks.base.Memory``),
-    as the policy was trained with.
+    as the policy was trained with. ``env_workers`` W >= 1: the envs step in W worker processes
+    (``vlmrl.rollout.pool``), with the same result.
     """
     if (episodes is None and not each_game_once) or (episodes is not None and episodes <= 0):
         raise ValueError("episodes must be positive (None only with each_game_once: every game)")
-    first = task.make_env(**(env_kwargs or {}))
+    envs = make_env_pool(task, num_envs if episodes is None else min(num_envs, episodes), env_kwargs, env_workers)
     if each_game_once:
-        games = getattr(first.unwrapped, "games", None)
+        games = envs.attr("games")
         problem = None
         if games is None:
             problem = f"{task.name} has no fixed list of games: each_game_once is for ALFWorld-like envs"
@@ -200,9 +203,8 @@ def evaluate(
         elif episodes > len(games):
             problem = f"asked for {episodes} episodes, each game once, but the split has {len(games)} games"
         if problem:
-            first.close()
+            envs.close()
             raise UserError(problem)
-    envs = [first] + [task.make_env(**(env_kwargs or {})) for _ in range(min(num_envs, episodes) - 1)]
     returns: list[float] = []
     wins: list[bool] = []
     lengths: list[int] = []
@@ -212,37 +214,45 @@ def evaluate(
 
     # slot state: (episode index, obs, info, return, length, parser rng)
     next_episode = 0
-    slots: list[dict[str, Any] | None] = [None] * len(envs)
+    slots: list[dict[str, Any] | None] = [None] * envs.num_envs
 
-    def start(k: int) -> None:
+    def start(ks: list[int]) -> None:
+        """Give slots ``ks`` (in this order) the next episodes, reset all at once; the rest end."""
         nonlocal next_episode
-        if next_episode >= episodes:
-            slots[k] = None
-            return
-        s = held_out_seed(seed, next_episode)
-        options = {"game": next_episode} if each_game_once else None
-        obs, info = envs[k].reset(seed=s, options=options)
-        slots[k] = {"obs": obs, "info": info, "ret": 0.0, "len": 0, "rng": np.random.default_rng(s),
-                    "memory": Memory(task, history_length)}
-        next_episode += 1
+        requests = {}
+        for k in ks:
+            if next_episode >= episodes:
+                slots[k] = None
+                continue
+            s = held_out_seed(seed, next_episode)
+            requests[k] = (s, {"game": next_episode} if each_game_once else None)
+            slots[k] = {"ret": 0.0, "len": 0, "rng": np.random.default_rng(s), "memory": Memory(task, history_length)}
+            next_episode += 1
+        for k, (obs, info) in envs.reset(requests).items():
+            slots[k].update(obs=obs, info=info)
 
-    for k in range(len(envs)):
-        start(k)
     bar = tqdm(total=episodes, desc=f"eval {task.name} [{policy.name}]", disable=not progress, leave=False)
     try:
+        start(list(range(envs.num_envs)))
         while any(slots):
             active = [k for k, s in enumerate(slots) if s is not None]
             seen = [slots[k]["memory"].view(slots[k]["info"]) for k in active]
             texts = policy.act([slots[k]["obs"] for k in active], seen)
-            for k, text, seen_info in zip(active, texts, seen):
+            actions, valid = {}, {}
+            for k, text in zip(active, texts):
                 slot = slots[k]
                 words = task.legal_actions(slot["info"])
                 parsed = parse_action(text, words, slot["rng"])
                 slot["memory"].record(slot["info"], words[parsed.action])
-                obs, reward, terminated, truncated, info = envs[k].step(parsed.action)
+                actions[k], valid[k] = parsed.action, parsed.valid
+            results = envs.step(actions)  # every playing env at once (in parallel with env workers)
+            ended = []
+            for k, text, seen_info in zip(active, texts, seen):
+                slot = slots[k]
+                obs, reward, terminated, truncated, info = results[k]
                 if len(samples) < keep_samples:
                     samples.append({"prompt": task.prompt(seen_info), "response": text, "reward": float(reward)})
-                invalid += not parsed.valid
+                invalid += not valid[k]
                 steps += 1
                 slot.update(obs=obs, info=info, ret=slot["ret"] + float(reward), len=slot["len"] + 1)
                 if terminated or truncated:
@@ -251,11 +261,11 @@ def evaluate(
                     lengths.append(slot["len"])
                     groups.append(info.get("task_type"))
                     bar.update(1)
-                    start(k)
+                    ended.append(k)
+            start(ended)
     finally:
         bar.close()
-        for env in envs:
-            env.close()
+        envs.close()
 
     by_group: dict[str, dict[str, float]] = {}
     if any(g is not None for g in groups):

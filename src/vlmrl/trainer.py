@@ -196,7 +196,8 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
     policy = accelerator.unwrap_model(model)  # sampling and saving go around the DDP wrapper
 
     collector = Collector(task, cfg.num_envs, cfg.seed, cfg.cot, rank, env_kwargs=cfg.env_kwargs,
-                          group_size=ppo.group_size if grouped else None, history_length=cfg.history_length)
+                          group_size=ppo.group_size if grouped else None, history_length=cfg.history_length,
+                          env_workers=cfg.env_workers)
     buffer = RolloutBuffer(cfg.num_steps, cfg.num_envs)
     sampling = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
     shuffling = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 2)
@@ -525,7 +526,8 @@ def _held_out(task, policy, cfg: TrainConfig) -> dict[str, float]:
 
     agent = ModelPolicy(policy, task, cfg.cot, cfg.temperature, cfg.seed, cfg.max_new_tokens)
     r = evaluate(task, agent, cfg.eval_episodes, seed=cfg.seed, num_envs=min(cfg.eval_episodes, 32),
-                 env_kwargs=cfg.env_kwargs, progress=False, history_length=cfg.history_length)
+                 env_kwargs=cfg.env_kwargs, progress=False, history_length=cfg.history_length,
+                 env_workers=cfg.env_workers)
     return {M.EVAL_SUCCESS_RATE: r.success_rate, M.EVAL_SUCCESS_CI95_LOW: r.success_ci95[0],
             M.EVAL_SUCCESS_CI95_HIGH: r.success_ci95[1], M.EVAL_EPISODIC_RETURN: r.mean_return,
             M.EVAL_INVALID_ACTION_RATE: r.invalid_action_rate}

@@ -16,6 +16,9 @@ stepped nor sampled for (each step samples one batch for the envs still playing)
 running after ``num_steps`` steps is cut there and counts what it collected (its return so far, not
 won). Everything an update draws derives from the update's index, so nothing of the envs needs
 saving for a resume.
+
+The envs live in an env pool (``vlmrl.rollout.pool``): in this process (``env_workers=0``) or in
+worker processes that step them at the same time; the transitions are the same either way.
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmrl.seeds import HELD_OUT_SEED_BASE
 from vlmrl.rollout.buffer import RolloutBuffer
+from vlmrl.rollout.pool import make_env_pool
+from vlmrl.seeds import HELD_OUT_SEED_BASE
 from vlmrl.tasks import Task
 from vlmrl.tasks.base import Memory, episode_success, observation_image
 from vlmrl.tasks.parsing import parse_action
-
 
 # streams GROUP_STREAM + u of training_seed: the group starts of update u (far above 2 + any update)
 GROUP_STREAM = 1 << 32
@@ -80,22 +83,21 @@ class Collector:
 
     def __init__(self, task: Task, num_envs: int, seed: int, cot: bool = True, rank: int = 0,
                  env_kwargs: dict[str, Any] | None = None, group_size: int | None = None,
-                 history_length: int = 0):
+                 history_length: int = 0, env_workers: int = 0):
         """``group_size``: None for PPO's continuing rollouts (``collect``), G for group rollouts
         (``collect_groups``; ``num_envs`` must be a multiple of G). ``history_length`` K: each prompt
-        carries the episode's last K steps (``tasks.base.Memory``)."""
+        carries the episode's last K steps (``tasks.base.Memory``). ``env_workers`` W: 0 steps the
+        envs here, one after another; W >= 1 in W worker processes (``vlmrl.rollout.pool``)."""
         if group_size is not None and (group_size < 1 or num_envs % group_size):
             raise ValueError(f"num_envs ({num_envs}) must be a multiple of group_size ({group_size})")
         self.task, self.cot, self.num_envs = task, cot, num_envs
         self.seed, self.rank, self.group_size = seed, rank, group_size
-        self.envs = [task.make_env(**(env_kwargs or {})) for _ in range(num_envs)]
-        self.obs: list[Any] = []
-        self.infos: list[dict] = []
-        for i, env in enumerate(self.envs):
-            # group rollouts reset every env at the start of each update instead
-            obs, info = (None, {}) if group_size else env.reset(seed=training_seed(seed, rank, i))
-            self.obs.append(obs)
-            self.infos.append(info)
+        self.pool = make_env_pool(task, num_envs, env_kwargs, env_workers)
+        self.obs: list[Any] = [None] * num_envs
+        self.infos: list[dict] = [{} for _ in range(num_envs)]
+        # group rollouts reset every env at the start of each update instead
+        if not group_size:
+            self._reset({i: (training_seed(seed, rank, i), None) for i in range(num_envs)})
         # Draws the random fallback action of unparsable answers.
         self.parse_rng = np.random.default_rng([seed, rank, 7])
         self.ep_return = np.zeros(num_envs)
@@ -144,12 +146,17 @@ class Collector:
             truncated = np.zeros(self.num_envs, dtype=bool)
             valid = np.zeros(self.num_envs, dtype=bool)
             final: dict[int, tuple[Any, dict]] = {}
-            for i, (env, text) in enumerate(zip(self.envs, gen.texts)):
+            actions = {}
+            for i, text in enumerate(gen.texts):
                 parsed = parse_action(text, legal[i], self.parse_rng)
                 self.memory[i].record(self.infos[i], legal[i][parsed.action])
-                obs, reward, term, trunc, info = env.step(parsed.action)
-                reward = float(reward) - (0.0 if parsed.valid else invalid_action_penalty)
-                rewards[i], terminated[i], truncated[i], valid[i] = reward, term, trunc, parsed.valid
+                actions[i], valid[i] = parsed.action, parsed.valid
+            results = self.pool.step(actions)  # all envs at once (in parallel with env workers)
+            resets = {}
+            for i in range(self.num_envs):
+                obs, reward, term, trunc, info = results[i]
+                reward = float(reward) - (0.0 if valid[i] else invalid_action_penalty)
+                rewards[i], terminated[i], truncated[i] = reward, term, trunc
                 self.ep_return[i] += float(reward)
                 self.ep_length[i] += 1
                 if term or trunc:
@@ -160,8 +167,9 @@ class Collector:
                     if trunc and not term:
                         final[i] = (obs, self.memory[i].view(info))
                     self.memory[i].clear()
-                    obs, info = env.reset()
+                    resets[i] = (None, None)  # the next episode continues the env's own np_random
                 self.obs[i], self.infos[i] = obs, info
+            self._reset(resets)
 
             final_values = torch.zeros(self.num_envs)
             if final:
@@ -206,9 +214,9 @@ class Collector:
             raise RuntimeError("collect_groups() needs a Collector built with group_size")
         n, g = self.num_envs, self.group_size
         groups = np.arange(n) // g
-        for i, env in enumerate(self.envs):
-            self.obs[i], self.infos[i] = env.reset(seed=group_seed(self.seed, self.rank, int(groups[i]), update))
-            self.memory[i].clear()
+        self._reset({i: (group_seed(self.seed, self.rank, int(groups[i]), update), None) for i in range(n)})
+        for m in self.memory:
+            m.clear()
         # the fallback actions of unparsable answers, drawn afresh each update too
         self.parse_rng = np.random.default_rng([self.seed, self.rank, 7, GROUP_STREAM + update])
         self.ep_return[:], self.ep_length[:] = 0.0, 0
@@ -235,6 +243,7 @@ class Collector:
             logprobs, values = torch.zeros(n), torch.zeros(n)
             refs = None if ref_logprob is None else torch.zeros(n)
             gen_values = gen.values.float().cpu()
+            actions = {}
             for k, i in enumerate(rows):
                 key = self.task.state_key(self.infos[i])
                 state[i] = keys.setdefault(object() if key is None else key, len(keys))
@@ -245,9 +254,12 @@ class Collector:
                 full_legal[i] = legal[k]
                 parsed = parse_action(gen.texts[k], legal[k], self.parse_rng)
                 self.memory[i].record(self.infos[i], legal[k][parsed.action])
-                obs, reward, term, trunc, info = self.envs[i].step(parsed.action)
-                reward = float(reward) - (0.0 if parsed.valid else invalid_action_penalty)
-                rewards[i], terminated[i], truncated[i], valid[i] = reward, term, trunc, parsed.valid
+                actions[i], valid[i] = parsed.action, parsed.valid
+            results = self.pool.step(actions)  # only the envs still playing
+            for i in rows:
+                obs, reward, term, trunc, info = results[i]
+                reward = float(reward) - (0.0 if valid[i] else invalid_action_penalty)
+                rewards[i], terminated[i], truncated[i] = reward, term, trunc
                 self.ep_return[i] += float(reward)
                 self.ep_length[i] += 1
                 if term or trunc:
@@ -272,6 +284,10 @@ class Collector:
         buffer.pad()
         return stats
 
+    def _reset(self, requests: dict[int, tuple[int | None, dict | None]]) -> None:
+        for i, (obs, info) in self.pool.reset(requests).items():
+            self.obs[i], self.infos[i] = obs, info
+
     def _finish(self, i: int, won: bool) -> None:
         self.finished.returns.append(float(self.ep_return[i]))
         self.finished.lengths.append(int(self.ep_length[i]))
@@ -288,8 +304,11 @@ class Collector:
         Group rollouts: None, always; every update starts afresh from seeds of its index."""
         if self.group_size is not None:
             return None
+        envs = self.pool.state()  # each env pickled where it lives (a worker pickles its own)
+        if envs is None:
+            return None
         try:
-            return pickle.dumps((self.envs, self.obs, self.infos, self.parse_rng, self.ep_return, self.ep_length,
+            return pickle.dumps((envs, self.obs, self.infos, self.parse_rng, self.ep_return, self.ep_length,
                                  [m.steps for m in self.memory]))
         except Exception:  # noqa: BLE001  (any env may hold unpicklable handles; resume then re-seeds)
             return None
@@ -300,23 +319,21 @@ class Collector:
         if self.group_size is not None:
             return
         if blob is not None:
-            for env in self.envs:
-                env.close()
-            (self.envs, self.obs, self.infos, self.parse_rng, self.ep_return, self.ep_length,
+            (envs, self.obs, self.infos, self.parse_rng, self.ep_return, self.ep_length,
              steps) = pickle.loads(blob)
+            # the same pickles for either pool; env objects themselves in checkpoints of older versions
+            self.pool.load([e if isinstance(e, bytes) else pickle.dumps(e) for e in envs])
             for m, s in zip(self.memory, steps):
                 m.steps = s
             return
-        for i, env in enumerate(self.envs):
-            self.obs[i], self.infos[i] = env.reset(seed=training_seed(seed, rank, i, stream=2 + update))
+        self._reset({i: (training_seed(seed, rank, i, stream=2 + update), None) for i in range(self.num_envs)})
         self.ep_return[:] = 0
         self.ep_length[:] = 0
         for m in self.memory:
             m.clear()
 
     def close(self) -> None:
-        for env in self.envs:
-            env.close()
+        self.pool.close()
 
 
 def _sample(policy, images, prompts, legal, stats: StepStats, *, temperature: float, top_p: float,
