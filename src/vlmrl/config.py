@@ -279,6 +279,21 @@ class SFTConfig:
     # on an idle machine and thrash on a busy one (measured at load 8 on 2 cores: 25 steps took
     # 200 s with 2 threads, while 1 thread ran 200 steps in 130 s)
     threads: int = 0
+    # DAgger (Ross et al., 2011): after the SFT above, this many rounds of: the policy plays
+    # dagger_episodes training episodes, the expert labels every state it visited, the labels join the
+    # demonstrations, SFT continues on them all (0: plain SFT)
+    dagger_rounds: int = 0
+    # episodes the policy plays per round (reset seeds continue the demonstrations': seed * 1_000_000 + i)
+    dagger_episodes: int = 32
+    # optimiser steps on the aggregate after each round, with a fresh warmup + cosine schedule;
+    # 0: the rule of the first phase (steps, else epochs passes) applied to the aggregate
+    dagger_steps: int = 0
+    # sampling temperature of the policy's own episodes (0: greedy; 0.2: what vlmrl eval plays at)
+    dagger_temperature: float = 0.2
+    # episodes played at once (one batched generate per step)
+    dagger_num_envs: int = 16
+    # longest response the policy may write in its episodes; None: the policy's own (256)
+    dagger_max_new_tokens: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -361,6 +376,12 @@ _CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
         ("checkpoint_every", lambda v: v >= 0, ">= 0"),
         ("image_size", lambda v: v >= 1, ">= 1"),
         ("threads", lambda v: v >= 0, ">= 0 (0: automatic)"),
+        ("dagger_rounds", lambda v: v >= 0, ">= 0 (0: plain SFT)"),
+        ("dagger_episodes", lambda v: v >= 1, ">= 1"),
+        ("dagger_steps", lambda v: v >= 0, ">= 0 (0: the first phase's rule)"),
+        ("dagger_temperature", lambda v: v >= 0, ">= 0 (0: greedy)"),
+        ("dagger_num_envs", lambda v: v >= 1, ">= 1"),
+        ("dagger_max_new_tokens", lambda v: v >= 1, ">= 1"),
     ],
     EvalConfig: [
         ("history_length", lambda v: v >= 0, ">= 0"),
@@ -411,6 +432,11 @@ def _cross_checks(cfg: Any, prefix: str) -> list[str]:
         if not 0 <= cfg.seed < HELD_OUT_SEED_BASE // DEMO_STRIDE or cfg.episodes >= DEMO_STRIDE:
             problems.append(f"{prefix}seed must be in [0, {HELD_OUT_SEED_BASE // DEMO_STRIDE - 1}] and "
                             f"{prefix}episodes < {DEMO_STRIDE:,}, or demonstrations would reach the held-out seeds")
+        # DAgger's episodes take the seeds after the demonstrations', in the same seed's block
+        elif cfg.dagger_rounds >= 0 and cfg.dagger_episodes >= 1 and \
+                cfg.episodes + cfg.dagger_rounds * cfg.dagger_episodes >= DEMO_STRIDE:
+            problems.append(f"{prefix}episodes + {prefix}dagger_rounds * {prefix}dagger_episodes must be < "
+                            f"{DEMO_STRIDE:,}, or the policy's episodes would reuse another seed's")
     if isinstance(cfg, TrainConfig):
         batch = cfg.num_envs * cfg.num_steps
         if cfg.ppo.minibatch_size > batch:

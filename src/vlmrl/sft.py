@@ -14,6 +14,18 @@ schedule, shuffling generator, the rest of the epoch's order, the torch RNG and 
 and at the end the model, ``sft_summary.json`` and ``sft_losses.json``. ``run_sft(cfg, resume=True)``
 (``vlmrl sft --resume``) continues a killed run from its newest checkpoint to the same final weights,
 bit for bit, as a run never interrupted.
+
+DAgger (Ross et al., 2011; ``dagger_rounds`` > 0): after that SFT, each round the policy as trained so
+far plays ``dagger_episodes`` seeded training episodes (``dagger_seed``: the demonstration seeds
+continued, below the held-out range), the expert labels every state it visited (states where the
+expert has no answer get none), the labeled steps join the demonstrations, and SFT continues on the
+aggregate (``dagger_steps``, a fresh warmup + cosine schedule; AdamW's moments kept). A label is a
+``Demo`` built exactly like a demonstration's: the expert's action in the response (CoT thoughts
+included), the memory (``history_length``) holding the actions the policy took. The summary's
+``dagger`` holds each round's episodes, success rate of the policy's own episodes, steps visited and
+labeled, and the aggregate's size; ``dagger_episodes.json`` what the policy played (seed, actions).
+A resume is exact here too: a checkpoint records the rounds' seeds and actions, and the aggregate is
+rebuilt by replaying them on fresh envs (envs are deterministic given the seed), so it holds no images.
 """
 
 from __future__ import annotations
@@ -25,8 +37,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +54,11 @@ from vlmrl.errors import UserError
 from vlmrl.files import write_atomic
 from vlmrl.policy.hf import quiet_library_bars
 from vlmrl.policy.presets import resolve_model
+from vlmrl.seeds import demo_seed
 from vlmrl.tasks import Task, get_task, require_expert
+from vlmrl.tasks.base import Memory, episode_success, observation_image
 from vlmrl.tasks.demos import Demo, cached_demonstrations, collect_demonstrations
+from vlmrl.tasks.parsing import parse_action
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, image, padding)
 
@@ -199,7 +216,7 @@ def run_sft(cfg: SFTConfig, callback: Callable[[int, Any], None] | None = None,
     """
     validate(cfg)
     task = get_task(cfg.task)
-    require_expert(task, "vlmrl sft")
+    require_expert(task, "vlmrl sft --dagger-rounds" if cfg.dagger_rounds else "vlmrl sft")
     out = Path(cfg.out_dir)
     if resume:
         check_resume_settings(saved_config(out), dataclasses.asdict(cfg))
@@ -215,6 +232,20 @@ def run_sft(cfg: SFTConfig, callback: Callable[[int, Any], None] | None = None,
             return _train(cfg, task, callback, demos, resume)
     finally:
         torch.set_num_threads(threads)
+
+
+def _phase_steps(cfg: SFTConfig, phase: int, examples: int) -> int:
+    """Optimiser steps of phase ``phase`` (0: the SFT on the demonstrations; k: after DAgger round k)
+    on ``examples`` examples: ``dagger_steps`` after a round where set, else ``steps``, else ``epochs``
+    passes."""
+    if phase and cfg.dagger_steps:
+        return cfg.dagger_steps
+    return cfg.steps or max(1, math.ceil(cfg.epochs * examples / cfg.batch_size))
+
+
+def _chain(digest: str, demos: Sequence[Demo]) -> str:
+    """The digest of the aggregate after ``demos`` joined it (each round hashes only its own examples)."""
+    return hashlib.sha256((digest + demos_digest(demos)).encode()).hexdigest()
 
 
 def _train(cfg: SFTConfig, task: Task, callback: Callable[[int, Any], None] | None,
@@ -242,76 +273,264 @@ def _train(cfg: SFTConfig, task: Task, callback: Callable[[int, Any], None] | No
     demos = [d for d in demos if d.expert or not cfg.expert_only]
     if not demos:
         raise UserError(f"sft: no demonstrations collected for {task.name}: raise episodes")
-    digest = demos_digest(demos) if cfg.checkpoint_every or checkpoint is not None else ""
+    saving = bool(cfg.checkpoint_every or checkpoint is not None)
+    digest = demos_digest(demos) if saving else ""
     examples = encode_all(policy, demos)
     pad_id = policy.pad_token_id
-    total = cfg.steps or max(1, math.ceil(cfg.epochs * len(examples) / cfg.batch_size))
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, total, cfg.warmup_steps, cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     history: list[float] = []
-    start = 0
+    done = phase = phase_step = 0  # steps in all; the phase (0: SFT, k: after DAgger round k); its steps
+    played: list[list[PlayedEpisode]] = []  # each DAgger round's episodes, so far
+    rounds: list[dict[str, Any]] = []  # each round's log line
+    state = None
     if checkpoint is not None:
-        start, order, history = _restore(checkpoint, digest, opt, sched, gen, policy.device)
-    model.train()
-    bar = tqdm(range(start, total), initial=start, total=total, desc=f"sft {task.name}", disable=not cfg.progress)
-    for step in bar:
-        if len(order) < cfg.batch_size:  # reshuffle per epoch
-            order += torch.randperm(len(examples), generator=gen).tolist()
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        batch = collate([examples[i] for i in idx], pad_id)
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        history.append(loss.item())
-        bar.set_postfix(loss=f"{history[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-        if callback is not None:
-            callback(step + 1, policy)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            # taken after the callback, which may draw from the RNG too: the resumed run skips it
-            state = {"step": step + 1, "order": list(order), "losses": list(history), "demos_sha256": digest,
-                     "torch_rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state(policy.device) if policy.device.type == "cuda" else None}
-            save_checkpoint(out / "checkpoints", step + 1, _writer(model, processor, opt, sched, gen, state))
-    bar.close()
+        state = _restore(checkpoint, opt, gen, policy.device)
+        done, order, history = int(state["step"]), list(state["order"]), list(state["losses"])
+        phase, phase_step = int(state.get("phase", 0)), int(state.get("phase_step", done))
+        played = [[PlayedEpisode(**e) for e in r] for r in state.get("dagger_episodes", [])]
+        rounds = list(state.get("dagger_rounds", []))
+        # the aggregate this phase trains on, rebuilt by replaying the policy's recorded actions
+        # (envs are deterministic given the seed), so a checkpoint holds no images
+        for episodes in played:
+            new = replay_round(task, cfg, episodes)
+            examples += encode_all(policy, new)
+            digest = _chain(digest, new)
+        if state["demos_sha256"] != digest:
+            raise UserError(f"sft --resume: the demonstrations differ from those {checkpoint} was trained on "
+                            "(a changed task, expert, env or demos= argument): start a new --out")
+
+    while True:
+        total = _phase_steps(cfg, phase, len(examples))
+        # each phase warms up and decays afresh (a decayed lr would barely learn the new labels);
+        # AdamW's moments carry over
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s, total=total: cosine_schedule(s, total, cfg.warmup_steps, cfg.min_lr_ratio))
+        if state is not None:  # the restored phase's schedule (once: later phases start afresh)
+            sched.load_state_dict(state["scheduler"])
+            for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+                group["lr"] = lr  # building the scheduler had set its step-0 lr
+            state = None
+        last = phase == cfg.dagger_rounds
+        desc = f"sft {task.name}" + (f" dagger {phase}/{cfg.dagger_rounds}" if phase else "")
+        model.train()
+        bar = tqdm(range(phase_step, total), initial=phase_step, total=total, desc=desc, disable=not cfg.progress)
+        for step in bar:
+            if len(order) < cfg.batch_size:  # reshuffle per epoch
+                order += torch.randperm(len(examples), generator=gen).tolist()
+            idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+            batch = collate([examples[i] for i in idx], pad_id)
+            loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            done += 1
+            history.append(loss.item())
+            bar.set_postfix(loss=f"{history[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            if callback is not None:
+                callback(done, policy)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and not (last and step + 1 == total):
+                # taken after the callback, which may draw from the RNG too: the resumed run skips it
+                saved = {"step": done, "phase": phase, "phase_step": step + 1, "order": list(order),
+                         "losses": list(history), "demos_sha256": digest,
+                         "dagger_episodes": [[dataclasses.asdict(e) for e in r] for r in played],
+                         "dagger_rounds": [dict(r) for r in rounds],
+                         "torch_rng": torch.get_rng_state(),
+                         "cuda_rng": torch.cuda.get_rng_state(policy.device) if policy.device.type == "cuda" else None}
+                save_checkpoint(out / "checkpoints", done, _writer(model, processor, opt, sched, gen, saved))
+        bar.close()
+        if last:
+            break
+        # DAgger round: the policy as trained so far plays, the expert labels what it saw
+        phase, phase_step, order = phase + 1, 0, []  # a new epoch over the grown aggregate
+        new, episodes = dagger_round(policy, task, cfg, phase)
+        played.append(episodes)
+        examples += encode_all(policy, new)
+        if saving:
+            digest = _chain(digest, new)
+        rounds.append({
+            "round": phase,
+            "episodes": len(episodes),
+            "success_rate": float(np.mean([e.success for e in episodes])),
+            "visited_steps": sum(len(e.actions) for e in episodes),
+            "labeled_steps": len(new),
+            "aggregate": len(examples),
+            "sft_steps": _phase_steps(cfg, phase, len(examples)),
+        })
+        if cfg.progress:
+            tqdm.write("dagger " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in rounds[-1].items()))
 
     model.eval()
     summary = {
         "config": dataclasses.asdict(cfg),
         "demonstrations": len(demos),
         "expert_fraction": float(np.mean([d.expert for d in demos])),
-        "steps": total,
+        "steps": done,
         "final_loss": float(np.mean(history[-10:])),
         "seconds": round(time.perf_counter() - started, 1),  # of this process only, after a resume
     }
+    if cfg.dagger_rounds:
+        summary["dagger"] = {"aggregate": len(examples), "rounds": rounds}
+        # what the policy played, so anyone can replay its episodes and check the labels
+        write_atomic(out / DAGGER_FILE, json.dumps([[dataclasses.asdict(e) for e in r] for r in played]) + "\n")
     if cfg.finetune == "lora":  # a plain HF folder: the adapters folded into the weights
         model = model.merge_and_unload()
     save_final(model, processor, out, summary, history)
     return out
 
 
-def _restore(checkpoint: Path, digest: str, opt: Any, sched: Any, gen: torch.Generator,
-             device: torch.device) -> tuple[int, list[int], list[float]]:
-    """Put the trainer state of ``checkpoint`` back; return (step, the epoch's pending order, losses)."""
+def _restore(checkpoint: Path, opt: Any, gen: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Put the optimizer, shuffling generator and RNG of ``checkpoint`` back; return its trainer
+    state (the caller rebuilds the phase's schedule and checks the demonstrations' digest)."""
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     if "order" not in state:
         raise UserError(f"sft --resume: {checkpoint} has no resume state (an older vlmrl wrote it): start a new --out")
-    if state["demos_sha256"] != digest:
-        raise UserError(f"sft --resume: the demonstrations differ from those {checkpoint} was trained on "
-                        "(a changed task, expert or demos= argument): start a new --out")
     opt.load_state_dict(state["optimizer"])  # moves the moments onto the parameters' device
-    sched.load_state_dict(state["scheduler"])
     gen.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])  # inside run_sft's fork_rng: the caller's RNG is untouched
     if state["cuda_rng"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng"], device)
-    return int(state["step"]), list(state["order"]), list(state["losses"])
+    return state
+
+
+# --- DAgger ------------------------------------------------------------------------------------------
+
+DAGGER_FILE = "dagger_episodes.json"  # beside the final model: each round's episodes (seed, actions, success)
+MAX_EPISODE_STEPS = 100  # as collect_demonstrations: a cap for an env without a time limit of its own
+
+
+@dataclass
+class PlayedEpisode:
+    """One episode the policy played in a DAgger round: enough to replay it exactly."""
+
+    seed: int  # its reset seed
+    actions: list[int]  # the actions the policy took, in order
+    success: bool  # won (``episode_success``); an episode cut at MAX_EPISODE_STEPS counts as lost
+
+
+@dataclass
+class _Slot:  # one env's running episode
+    index: int
+    seed: int
+    obs: Any
+    info: dict[str, Any]
+    memory: Memory
+    rng: np.random.Generator  # the parser's, for an answer without exactly one legal action
+    seen: dict[str, Any] | None = None  # the info with memory, as prompted this step
+    actions: list[int] = dataclasses.field(default_factory=list)
+    demos: list[Demo] = dataclasses.field(default_factory=list)
+    ret: float = 0.0
+
+
+def dagger_seed(cfg: SFTConfig, round_index: int, episode: int) -> int:
+    """Reset seed of episode ``episode`` of DAgger round ``round_index`` (from 1): the demonstration
+    seeds continued (``demo_seed(seed, episodes + ...)``), so they repeat no demonstration episode and
+    stay below the held-out range (SFTConfig checks the count)."""
+    return demo_seed(cfg.seed, cfg.episodes + (round_index - 1) * cfg.dagger_episodes + episode)
+
+
+def expert_label(task: Task, info: dict[str, Any]) -> int | None:
+    """The expert's action from this state, or None where it has none (ALFWorld's walkthrough once
+    the policy left it: ``info["expert_action"]`` is None): such a state gets no label."""
+    try:
+        return task.expert_action(info)
+    except ValueError:
+        return None
+
+
+def play_and_label(task: Task, cfg: SFTConfig, seeds: Sequence[int],
+                   choose: Callable[[list[_Slot]], list[int]]) -> tuple[list[Demo], list[PlayedEpisode]]:
+    """Play one episode per reset seed, ``cfg.dagger_num_envs`` at a time, with ``choose`` (the running
+    slots -> their actions); label every state visited with the expert's action.
+
+    Each label is a ``Demo`` built like a demonstration's (``tasks.demos.collect_demonstrations``):
+    the prompt and response of the state as seen with memory, the response ``task.response`` of the
+    expert's action (CoT thoughts included), while the memory records what the policy did. The demos
+    come back in episode order, whatever order the episodes finished in.
+    """
+    results: list[tuple[list[Demo], PlayedEpisode] | None] = [None] * len(seeds)
+    pending = list(range(len(seeds)))[::-1]
+    envs: list[Any] = []
+    try:
+        for _ in range(min(cfg.dagger_num_envs, len(seeds))):
+            envs.append(task.make_env(**cfg.env_kwargs))
+        slots: list[_Slot | None] = [None] * len(envs)
+
+        def start(k: int) -> None:
+            slots[k] = None
+            if pending:
+                i = pending.pop()
+                obs, info = envs[k].reset(seed=seeds[i])
+                slots[k] = _Slot(i, seeds[i], obs, info, Memory(task, cfg.history_length), np.random.default_rng(seeds[i]))
+
+        for k in range(len(envs)):
+            start(k)
+        while any(s is not None for s in slots):
+            active = [s for s in slots if s is not None]
+            for s in active:
+                s.seen = s.memory.view(s.info)
+            actions = choose(active)
+            for s, action in zip(active, actions):
+                label = expert_label(task, s.info)
+                if label is not None:
+                    s.demos.append(Demo(observation_image(s.obs), task.prompt(s.seen, cfg.cot),
+                                        task.response(s.seen, label, cfg.cot), True))
+                s.memory.record(s.info, task.legal_actions(s.info)[action])
+                s.actions.append(int(action))
+                k = slots.index(s)
+                s.obs, reward, terminated, truncated, s.info = envs[k].step(action)
+                s.ret += float(reward)
+                if terminated or truncated or len(s.actions) >= MAX_EPISODE_STEPS:
+                    won = bool(terminated or truncated) and episode_success(s.info, s.ret)
+                    results[s.index] = (s.demos, PlayedEpisode(s.seed, s.actions, won))
+                    start(k)
+    finally:
+        for env in envs:
+            env.close()
+    demos = [d for r in results if r is not None for d in r[0]]
+    return demos, [r[1] for r in results if r is not None]
+
+
+def dagger_round(policy: Any, task: Task, cfg: SFTConfig, round_index: int) -> tuple[list[Demo], list[PlayedEpisode]]:
+    """DAgger round ``round_index`` (from 1): ``policy`` (a ``VLMPolicy``) plays ``cfg.dagger_episodes``
+    seeded training episodes at ``cfg.dagger_temperature``, one batched generate per step, and the
+    expert labels the states it visited. Same weights and settings, same result."""
+    from vlmrl.evaluate import ModelPolicy
+
+    seeds = [dagger_seed(cfg, round_index, j) for j in range(cfg.dagger_episodes)]
+    actor = ModelPolicy(policy, task, cot=cfg.cot, temperature=cfg.dagger_temperature, seed=seeds[0],
+                        max_new_tokens=cfg.dagger_max_new_tokens, name="dagger")
+
+    def choose(slots: list[_Slot]) -> list[int]:
+        texts = actor.act([s.obs for s in slots], [s.seen for s in slots])
+        return [parse_action(text, task.legal_actions(s.info), s.rng).action for text, s in zip(texts, slots)]
+
+    return play_and_label(task, cfg, seeds, choose)
+
+
+def replay_round(task: Task, cfg: SFTConfig, episodes: Sequence[PlayedEpisode]) -> list[Demo]:
+    """The labeled demos of a played round, rebuilt from its record: each episode's recorded actions
+    replayed on a fresh env (what a resumed run trains on, without storing images)."""
+    recorded = {e.seed: e.actions for e in episodes}
+
+    def choose(slots: list[_Slot]) -> list[int]:
+        for s in slots:
+            if len(s.actions) >= len(recorded[s.seed]):
+                raise UserError(f"sft --resume: replaying the DAgger episode of seed {s.seed} went past its "
+                                "recorded actions (a changed env): start a new --out")
+        return [recorded[s.seed][len(s.actions)] for s in slots]
+
+    demos, replayed = play_and_label(task, cfg, list(recorded), choose)
+    if [e.actions for e in replayed] != [e.actions for e in episodes]:
+        raise UserError("sft --resume: the replayed DAgger episodes end elsewhere than recorded (a changed env): "
+                        "start a new --out")
+    return demos
 
 
 def _writer(model, processor, opt, sched, gen, extra: dict[str, Any]):
@@ -351,4 +570,4 @@ def save_final(model: Any, processor: Any, out: Path, summary: dict[str, Any], l
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["Demo", "SFTConfig", "cached_demonstrations", "collate", "collect_demonstrations", "encode_all", "encode_example", "check_resume_settings", "demos_digest", "finished", "load_policy", "run_sft", "saved_config"]
+__all__ = ["DAGGER_FILE", "Demo", "PlayedEpisode", "SFTConfig", "cached_demonstrations", "check_resume_settings", "collate", "collect_demonstrations", "dagger_round", "dagger_seed", "demos_digest", "encode_all", "encode_example", "expert_label", "finished", "load_policy", "play_and_label", "replay_round", "run_sft", "saved_config"]
