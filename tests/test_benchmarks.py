@@ -111,3 +111,39 @@ def test_learning_recipes_reuse_the_demo_and_reject_bad_input(tmp_path):
     with pytest.raises(UserError, match="not empty"):
         learning.main(["--tasks", "NumberLine", "--out", str(tmp_path / "taken")])
     assert (tmp_path / "taken" / "x").read_text() == "keep me"
+
+
+def test_learning_table_over_seeds_runs_one_process_per_seed(tiny_model, tmp_path, capsys):
+    learning = load_script("learning")
+    out = tmp_path / "seeds"
+    summary = learning.main(["--tasks", "NumberLine", "--cot", "on", "--seeds", "0", "1", "--jobs", "2",
+                             "--budget", "0.01", "--episodes", "3", "--model", tiny_model, "--out", str(out),
+                             "--set", "train.num_envs=2", "train.num_steps=1", "train.max_new_tokens=6",
+                             "train.tensorboard=false", "sft.batch_size=4", "ppo.minibatch_size=2",
+                             "ppo.grad_accum_steps=1"])
+    printed = capsys.readouterr().out
+    # each seed ran as its own process, into its own folder, with its own seed
+    parts = summary["per_seed"]
+    assert [p["seed"] for p in parts] == [0, 1]
+    for seed, part in zip((0, 1), parts):
+        assert json.loads((out / f"seed-{seed}" / "learning.json").read_text())["seed"] == seed
+        assert (out / f"seed-{seed}" / "NumberLine-cot" / "ppo" / "final" / "config.json").is_file()
+        assert "NumberLine, CoT on" in (out / f"seed-{seed}.log").read_text()
+        assert json.loads((out / f"seed-{seed}" / "NumberLine-cot" / "demo.json").read_text())["seed"] == seed
+    # one row over the seeds: mean (min-max) of the per-seed figures
+    after = [100 * p["runs"][0]["after"]["success_rate"] for p in parts]
+    row = next(line for line in printed.splitlines() if line.startswith("| NumberLine | yes | 0 1 |"))
+    assert f"| {sum(after) / 2:.1f} ({min(after):.1f}-{max(after):.1f}) |" in row
+    assert ">= 95%: met on" in row and "/2 seeds" in row
+    # then one row per seed with its Wilson interval
+    for seed, part in zip((0, 1), parts):
+        run = part["runs"][0]
+        lo, hi = run["after"]["success_ci95"]
+        assert f"| NumberLine | yes | {seed} | " in printed
+        assert f"{100 * run['after']['success_rate']:.1f} ({100 * lo:.1f}-{100 * hi:.1f})" in printed
+    assert json.loads((out / "learning.json").read_text())["table"] == summary["table"]
+    # the seed folders merged by hand give the same table; a run given twice is refused
+    merged = learning.main(["--merge", str(out / "seed-0"), str(out / "seed-1")])
+    assert merged["table"] == summary["table"] == learning.main(["--merge", str(out)])["table"]
+    with pytest.raises(UserError, match="appears twice: NumberLine CoT on seed 0"):
+        learning.main(["--merge", str(out), str(out / "seed-0")])

@@ -13,9 +13,12 @@ DEMO_SFT = dict(episodes=300, random_action_fraction=1.0, steps=300, batch_size=
 DEMO_PPO = PPOConfig(lr=1e-4, end_lr=1e-5, epochs=2, minibatch_size=16, grad_accum_steps=2, max_grad_norm=1.0,
                      clip=0.2, value_clip=None, gamma=0.9, gae_lambda=0.95, thought_weight=0.5, ent_coef=0.0)
 DEMO_TRAIN = dict(num_envs=32, num_steps=4, total_updates=30, temperature=0.2, max_new_tokens=48)
+# 2026-12-01 (issue #15): NumberLine and EZPoints give the value head its own rate, warm the policy up
+# and halve its rate (EZPoints held >= 85% on seeds 0, 1 and 3 only so)
+CRITIC = dict(lr=5e-5, value_lr=3e-3, lr_warmup_updates=5)
 OVERRIDES = {
-    "NumberLine": {},
-    "EZPoints": {"train": dict(total_updates=30)},
+    "NumberLine": {"ppo": CRITIC},
+    "EZPoints": {"train": dict(total_updates=30), "ppo": CRITIC},
     "Points24": {"sft": dict(episodes=1500, steps=4500, random_action_fraction=0.0),
                  "train": dict(total_updates=20, max_new_tokens=64), "ppo": dict(lr=3e-5, end_lr=3e-6)},
     "Blackjack": {"sft": dict(episodes=1500, steps=2000), "train": dict(num_envs=64, total_updates=120),

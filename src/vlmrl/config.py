@@ -93,6 +93,12 @@ class PPOConfig:
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     # Updates the cosine spans, then stays at end_lr; None: all of total_updates (paper NumberLine: 25).
     lr_schedule_updates: int | None = None
+    # Adam learning rate of the value head (same schedule); None: lr. The head starts from scratch, and
+    # at a policy lr of 1e-4 it explained ~0% of EZPoints' returns (+10 a win) after 30 updates.
+    value_lr: float | None = None
+    # The policy's lr rises linearly over this many first updates (the value head's does not), so the
+    # critic fits before its advantages steer the policy; 0: no warm-up.
+    lr_warmup_updates: int = 0
     # Adam epsilon (paper's code: 1e-7).
     adam_eps: float = 1e-7
     # AdamW weight decay (paper: 0).
@@ -338,6 +344,8 @@ _CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
         ("lr", lambda v: v > 0, "> 0"),
         ("end_lr", lambda v: v >= 0, ">= 0"),
         ("lr_schedule_updates", lambda v: v >= 1, ">= 1"),
+        ("value_lr", lambda v: v > 0, "> 0 (or null: lr)"),
+        ("lr_warmup_updates", lambda v: v >= 0, ">= 0 (0: no warm-up)"),
         ("adam_eps", lambda v: v > 0, "> 0"),
         ("weight_decay", lambda v: v >= 0, ">= 0"),
         ("clip", lambda v: v > 0, "> 0"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vlmrl import metrics as M
-from vlmrl.algorithms import PPOLoss, cosine_schedule, explained_variance, gae, normalize_advantages, ppo_loss
+from vlmrl.algorithms import PPOLoss, explained_variance, gae, lr_factors, normalize_advantages, ppo_loss
 from vlmrl.algorithms.group import episode_returns, gigpo_advantages, grpo_advantages, rloo_advantages
 from vlmrl.checkpoint import capture_rng_state, latest_checkpoint, restore_rng_state, save_checkpoint
 from vlmrl.config import RUN_OWNED_POLICY_FIELDS, PolicyConfig, PPOConfig, TrainConfig, save_config
@@ -184,12 +185,13 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
     optimizer = make_optimizer(policy, ppo)
     span = ppo.lr_schedule_updates or cfg.total_updates
 
-    def lr_factor(update: int) -> float:  # per update: the paper's cosine from lr to end_lr
-        if ppo.lr_schedule == "constant":
-            return 1.0
-        return cosine_schedule(update, span, end_ratio=ppo.end_lr / ppo.lr)
+    def lr_factor(update: int, part: int) -> float:  # per update: the paper's cosine from lr to end_lr
+        return lr_factors(update, span, schedule=ppo.lr_schedule, end_ratio=ppo.end_lr / ppo.lr,
+                          warmup=ppo.lr_warmup_updates)[part]
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    # one multiplier per parameter group: the policy's (group 0), then the value head's (make_optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [functools.partial(lr_factor, part=min(i, 1)) for i in range(len(optimizer.param_groups))])
     if accelerator.state.deepspeed_plugin is not None:  # no DataLoader to take the micro-batch size from
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = ppo.minibatch_size
     model, optimizer = accelerator.prepare(policy, optimizer)
@@ -392,9 +394,18 @@ def group_advantages(buffer: RolloutBuffer, ppo: PPOConfig) -> tuple[Tensor, Ten
 
 
 def make_optimizer(policy: VLMPolicy, ppo: PPOConfig) -> torch.optim.AdamW:
-    """AdamW over the policy's trainable parameters (a group estimator's policy has no value head)."""
-    params = [p for p in policy.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=ppo.lr, eps=ppo.adam_eps, weight_decay=ppo.weight_decay)
+    """AdamW over the policy's trainable parameters (a group estimator's policy has no value head).
+
+    With ``ppo.value_lr`` the value head's parameters form a second group at that rate (group 0 is
+    the rest of the policy, at ``ppo.lr``)."""
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    head = [] if ppo.value_lr is None or policy.value_head is None else \
+        [p for p in policy.value_head.parameters() if p.requires_grad]
+    if not head:
+        return torch.optim.AdamW(trainable, lr=ppo.lr, eps=ppo.adam_eps, weight_decay=ppo.weight_decay)
+    in_head = {id(p) for p in head}
+    groups = [{"params": [p for p in trainable if id(p) not in in_head]}, {"params": head, "lr": ppo.value_lr}]
+    return torch.optim.AdamW(groups, lr=ppo.lr, eps=ppo.adam_eps, weight_decay=ppo.weight_decay)
 
 
 def ppo_update(model, optimizer, accelerator, buffer: RolloutBuffer, ppo: PPOConfig, generator: torch.Generator,

@@ -118,3 +118,22 @@ def test_explained_variance_by_hand():
 def test_entropy_from_logits():
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, -math.inf, -math.inf]])
     torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([math.log(4), math.log(2)]))
+
+
+def test_lr_factors_warm_the_policy_up_and_not_the_value_head():
+    from vlmrl.algorithms import cosine_schedule, lr_factors
+
+    # 4 warm-up updates of a 10-update cosine to 0.1: the policy ramps 1/4, 2/4, 3/4, then both follow
+    # the same cosine (which started at update 0: the warm-up does not shift it)
+    for u in range(12):
+        pol, val = lr_factors(u, 10, end_ratio=0.1, warmup=4)
+        assert val == pytest.approx(cosine_schedule(u, 10, end_ratio=0.1))
+        assert pol == pytest.approx(min(1.0, (u + 1) / 4) * val)
+    assert lr_factors(0, 10, end_ratio=0.1, warmup=4) == (pytest.approx(0.25), 1.0)
+    assert lr_factors(9, 10, end_ratio=0.1)[0] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert lr_factors(30, 10, end_ratio=0.1) == (pytest.approx(0.1), pytest.approx(0.1))  # the floor after
+    # constant: 1 but for the warm-up; no warm-up: both equal
+    assert [lr_factors(u, 10, schedule="constant", warmup=2)[0] for u in range(3)] == [0.5, 1.0, 1.0]
+    assert all(lr_factors(u, 10, end_ratio=0.2)[0] == lr_factors(u, 10, end_ratio=0.2)[1] for u in range(10))
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factors(0, 10, schedule="linear")

@@ -44,3 +44,36 @@ def test_end_ratio_one_is_constant_and_lambda_lr_applies_it():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([1e-3, 0.505e-3, 1e-5])
+
+
+def test_value_head_lr_is_its_own_group_and_the_policy_warms_up(tiny_model):
+    """make_optimizer puts the value head at ppo.value_lr; the trainer's schedule ramps only the policy."""
+    import functools
+
+    from vlmrl.algorithms import lr_factors
+    from vlmrl.config import PolicyConfig, PPOConfig
+    from vlmrl.errors import UserError
+    from vlmrl.policy.model import VLMPolicy
+    from vlmrl.trainer import make_optimizer
+
+    policy = VLMPolicy.load(tiny_model, PolicyConfig(finetune="full", train_vision=False))
+    head = {id(p) for p in policy.value_head.parameters()}
+    one = make_optimizer(policy, PPOConfig(lr=1e-4))
+    assert len(one.param_groups) == 1
+    two = make_optimizer(policy, PPOConfig(lr=1e-4, end_lr=1e-5, value_lr=3e-3, lr_warmup_updates=3))
+    rest, value = two.param_groups
+    assert {id(p) for p in value["params"]} == head and not head & {id(p) for p in rest["params"]}
+    assert len(rest["params"]) + len(value["params"]) == len(one.param_groups[0]["params"])
+    sched = torch.optim.lr_scheduler.LambdaLR(two, [functools.partial(
+        lambda u, part: lr_factors(u, 10, end_ratio=0.1, warmup=3)[part], part=i) for i in (0, 1)])
+    lrs = []
+    for _ in range(4):
+        lrs.append((rest["lr"], value["lr"]))
+        two.step()
+        sched.step()
+    assert lrs[0] == (pytest.approx(1e-4 / 3), pytest.approx(3e-3))
+    assert lrs[3][0] / lrs[3][1] == pytest.approx(1e-4 / 3e-3)  # after the warm-up: the same cosine
+    with pytest.raises(UserError, match="value_lr must be > 0"):
+        PPOConfig(value_lr=0.0)
+    with pytest.raises(UserError, match="lr_warmup_updates must be >= 0"):
+        PPOConfig(lr_warmup_updates=-1)

@@ -175,3 +175,34 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     logp = torch.log_softmax(logits.float(), dim=-1)
     # Clamp so masked (-inf) logits give 0 * finite = 0 instead of 0 * -inf = nan.
     return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
+
+
+def lr_factors(update: int, total: int, *, schedule: str = "cosine", end_ratio: float = 0.0,
+               warmup: int = 0) -> tuple[float, float]:
+    """Multipliers of the base learning rates at ``update`` (0-based): (policy, value head).
+
+    The value head follows the schedule ("cosine" from 1 to ``end_ratio`` over ``total`` updates, or
+    "constant" 1) from the first update; the policy also rises linearly over the first ``warmup``
+    updates, ``(update + 1) / warmup``, so the freshly initialised value head fits the returns before
+    its advantages steer the policy (with a critic that explains nothing, every step of a winning
+    episode gets a positive advantage, a malformed response included).
+
+    Args:
+        update: updates done so far (>= 0).
+        total: updates the cosine spans (then it stays at ``end_ratio``).
+        schedule: "cosine" or "constant".
+        end_ratio: end lr / base lr of the cosine, in [0, 1].
+        warmup: policy warm-up updates (0: none).
+    Returns:
+        (policy multiplier, value-head multiplier), each in (0, 1].
+    """
+    from vlmrl.algorithms.schedule import cosine_schedule
+
+    if schedule == "constant":
+        value = 1.0
+    elif schedule == "cosine":
+        value = cosine_schedule(update, total, end_ratio=end_ratio)
+    else:
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    ramp = min(1.0, (update + 1) / warmup) if warmup > 0 else 1.0
+    return ramp * value, value
