@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 # This file's folder comes first on sys.path when it runs as a script, where benchmarks/alfworld.py
@@ -32,26 +30,9 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 import numpy as np
 
+from vlmrl.metrics import load_average, machine_line
 from vlmrl.rollout.pool import make_env_pool
 from vlmrl.tasks import get_task
-
-
-def load() -> str:
-    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-
-
-def machine_line() -> str:
-    """Date, CPU, cores and load average: the line printed above the table."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{date}; {cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}, load average {load()}"
 
 
 def run(task, num_envs: int, workers: int, steps: int, seed: int, env_kwargs: dict) -> dict:
@@ -84,7 +65,7 @@ def run(task, num_envs: int, workers: int, steps: int, seed: int, env_kwargs: di
         pool.close()
     return {"workers": workers, "start_seconds": start, "seconds": seconds, "env_steps": steps * num_envs,
             "steps_per_second": steps * num_envs / seconds, "episodes": episodes,
-            "check": digest.hexdigest()[:10], "load": load()}
+            "check": digest.hexdigest()[:10], "load": load_average()}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -102,7 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     task = get_task(args.task)
     env_kwargs = {"split": args.split} if args.split else {}
 
-    print(f"machine: {machine_line()}")
+    print(f"machine: {machine_line(f'Python {platform.python_version()}')}")
     print(f"task {task.name}, {args.num_envs} envs, {args.steps} steps of all envs, random legal actions, "
           f"seed {args.seed}\n")
     print("| workers | start (s) | env steps | seconds | env steps/s | episodes ended | check | load average after |")
@@ -120,7 +101,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"{r['workers']} workers: {r['steps_per_second'] / serial['steps_per_second']:.2f}x serial")
     same = len({r["check"] for r in rows}) == 1
     print("same transitions in every configuration" if same else "TRANSITIONS DIFFER between configurations")
-    print(f"machine after: load average {load()}")
+    print(f"machine after: load average {load_average()}")
     return rows
 
 

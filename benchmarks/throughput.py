@@ -27,12 +27,10 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,7 @@ from vlmrl.demo import load_recipe, recipe_file
 _DEMO = load_recipe(recipe_file("NumberLine"))  # the demo's recipe file
 PPO, TRAIN = _DEMO["ppo"], _DEMO["train"]
 from vlmrl.errors import UserError
+from vlmrl.metrics import load_average, machine_line
 from vlmrl.policy.model import VLMPolicy
 from vlmrl.rollout import RolloutBuffer
 from vlmrl.rollout.collect import Collector
@@ -61,21 +60,10 @@ FLOP_TARGET = 0.30  # forward+backward FLOP/s as a fraction of the measured matm
 # --- the machine ------------------------------------------------------------------------------------
 
 
-def machine_line() -> str:
+def machine() -> str:
     """Date, CPU, cores, torch threads and version, load average: the line printed above every table."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    load = ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"{date}; {cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads{gpu}{load}")
+    return machine_line(f"torch {torch.__version__} with {torch.get_num_threads()} threads{gpu}")
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
@@ -338,7 +326,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         model = _build_variant(args.set, Path(tmp) / "model") if args.set else args.model
         policy = _load(model, args.temperature, args.max_new_tokens)
     parameters = sum(p.numel() for p in policy.parameters())
-    print(f"machine: {machine_line()}")
+    print(f"machine: {machine()}")
     print(f"model: {model if not args.set else 'tiny ' + ' '.join(args.set)} ({parameters / 1e6:.2f}M parameters), "
           f"task {task.name}, max {args.max_new_tokens} new tokens at temperature {args.temperature}\n", flush=True)
 
@@ -373,10 +361,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
           f"({'met' if speedup >= ROLLOUT_TARGET else 'MISSED'})")
     print(f"target: forward+backward >= {100 * FLOP_TARGET:.0f}% of peak: {100 * best_fraction:.2f}% "
           f"({'met' if best_fraction >= FLOP_TARGET else 'MISSED'})")
-    print(f"machine after: load average {'{:.2f} {:.2f} {:.2f}'.format(*os.getloadavg())}")
+    print(f"machine after: load average {load_average()}")
 
     summary = {
-        "machine": machine_line(), "model": model, "parameters": parameters, "task": task.name,
+        "machine": machine(), "model": model, "parameters": parameters, "task": task.name,
         "rollout": [asdict(r) | {"steps_per_second": r.steps_per_second, "tokens_per_second": r.tokens_per_second}
                     for r in [baseline, *rows]],
         "update": [asdict(u) | {"samples_per_second": u.samples_per_second, "flops_per_second": u.flops_per_second,

@@ -51,12 +51,10 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -70,19 +68,14 @@ TARGETS = {"preset": 2.0, "16.8m": 1.0}  # vlmrl / TRL end-to-end samples/s
 TASK = "NumberLine"
 
 
-def machine_line(threads: int) -> str:
+def machine(threads: int) -> str:
     """Date, CPU, cores, torch threads, torch / transformers / trl versions and the load average."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"{date}; {cpu}, {os.cpu_count()} logical cores, torch {_version('torch')} with {threads} threads, "
-            f"transformers {_version('transformers')}, trl {_version('trl')}, load average {_load()}")
+    from vlmrl.metrics import (
+        machine_line,  # here: the parent process imports vlmrl only when it must
+    )
+
+    return machine_line(f"torch {_version('torch')} with {threads} threads, transformers {_version('transformers')}, "
+                        f"trl {_version('trl')}")
 
 
 def _version(name: str) -> str:
@@ -95,7 +88,9 @@ def _version(name: str) -> str:
 
 
 def _load() -> str:
-    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    from vlmrl.metrics import load_average
+
+    return load_average()
 
 
 # --- what both sides share ----------------------------------------------------------------------------
@@ -370,7 +365,7 @@ def worker(side: str, spec_file: str, out_file: str) -> None:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             result = (run_vlmrl if side == "vlmrl" else run_trl)(spec, Path(tmp))
-    result["machine"] = machine_line(spec["threads"])
+    result["machine"] = machine(spec["threads"])
     Path(out_file).write_text(json.dumps(result, indent=1) + "\n")
 
 
@@ -523,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is not timed)")
 
-    print(f"machine: {machine_line(args.threads)}", flush=True)
+    print(f"machine: {machine(args.threads)}", flush=True)
     print(f"equal work: the same start weights, start states, group size, prompts per step, max new tokens, "
           f"temperature, epochs, minibatches, AdamW, clip and {args.threads} torch thread(s); each side in its own "
           f"process", flush=True)

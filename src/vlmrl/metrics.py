@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import time
 from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +227,23 @@ def _clean(name: str, value: Any) -> float | int | None:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+# --- the machine a figure was measured on (the benchmarks' first line) -------------------------
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages as text; "n/a" where the OS has none."""
+    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def machine_line(details: str) -> str:
+    """``"<UTC date>; <CPU model>, <n> logical cores, <details>, load average <1 5 15 min>"``."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{date}; {cpu}, {os.cpu_count()} logical cores, {details}, load average {load_average()}"
