@@ -269,6 +269,7 @@ def test_a_resumed_group_run_equals_one_never_stopped(tiny_model, tmp_path):
     (lambda: PPOConfig(advantage="gigpo", group_size=1), "a group size of 1"),
     (lambda: PPOConfig(group_size=4), r"group_size \(4\) means nothing to advantage 'gae'"),
     (lambda: PPOConfig(advantage="ppo", group_size=2), "advantage must be one of 'gae', 'grpo', 'rloo', 'gigpo'"),
+    (lambda: PPOConfig(advantage="grpo", group_size=2, value_lr=3e-3), "value_lr is the value head's rate"),
     (lambda: TrainConfig(num_envs=6, ppo=PPOConfig(advantage="rloo", group_size=4)),
      r"num_envs \(6\) must be a multiple of ppo.group_size \(4\)"),
     (lambda: TrainConfig(num_envs=4, ppo=PPOConfig(advantage="grpo", group_size=2),

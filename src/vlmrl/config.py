@@ -433,6 +433,9 @@ def _cross_checks(cfg: Any, prefix: str) -> list[str]:
         problems.append(f"{prefix}group_size ({cfg.group_size}) means nothing to {prefix}advantage 'gae', which "
                         f"compares with a value function: set {prefix}advantage to grpo, rloo or gigpo, "
                         f"or {prefix}group_size to 1")
+    if isinstance(cfg, PPOConfig) and cfg.advantage != "gae" and cfg.value_lr is not None:
+        problems.append(f"{prefix}value_lr is the value head's rate, and {prefix}advantage {cfg.advantage!r} "
+                        f"builds no value head: leave {prefix}value_lr null, or use advantage 'gae'")
     if isinstance(cfg, SFTConfig):
         if cfg.steps == 0 and cfg.epochs == 0:
             problems.append(f"{prefix}steps or {prefix}epochs must be > 0")
