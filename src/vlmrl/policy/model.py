@@ -52,6 +52,7 @@ from vlmrl.errors import UserError
 from vlmrl.policy import logprob as lp
 from vlmrl.policy.constrain import ActionConstraints, ConstrainedBatch, ConstraintMasks, allowed_matrix
 from vlmrl.policy.input_cache import LRU, InputCache
+from vlmrl.policy.vision_cache import install as install_vision_cache
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 POLICY_CONFIG_FILE = "vlmrl_policy.json"
@@ -203,6 +204,8 @@ class VLMPolicy(nn.Module):
         # speed caches (policy/input_cache.py): processor output per (image, prompt); CoT boundary per response
         self.input_cache = InputCache(self.pad_token_id, left=self.tokenizer.padding_side == "left")
         self.boundary_cache = LRU(max_entries=8192, max_bytes=1 << 62)  # bounded by count: ~2 kB each
+        # image features per image while the tower is frozen (policy/vision_cache.py; None: not Qwen2-VL)
+        self.vision_cache = install_vision_cache(self.hf_model)
         self._action_constraints: ActionConstraints | None = None  # built on first use (constrain.py)
 
     # --- loading and saving ---------------------------------------------------------------------
