@@ -28,6 +28,7 @@ imports (torch) inside functions or under ``if __name__ == "__main__"``, or each
 from __future__ import annotations
 
 import functools
+import io
 import multiprocessing
 import multiprocessing.connection
 import pickle
@@ -53,6 +54,29 @@ WORKER_START_METHOD = "forkserver"
 class EnvWorkerError(UserError):
     """An env worker process died, or an env raised inside one. A ``UserError``, so the CLI prints
     it as one line (exit code 2): the run stops and its last checkpoint stays as it was."""
+
+
+class _CompactPickler(pickle.Pickler):
+    """Writes an array whose elements are all the same bytes as ``np.full(shape, value, dtype)``."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is np.ndarray and obj.size > 64 and obj.dtype.kind in "biuf" and obj.flags.c_contiguous:
+            flat = obj.reshape(-1).view(np.uint8).reshape(obj.size, obj.itemsize)
+            if (flat == flat[0]).all():
+                return np.full, (obj.shape, obj.reshape(-1)[0], obj.dtype)
+        return NotImplemented
+
+
+def dumps_env(env: gym.Env) -> bytes:
+    """``pickle.dumps(env)``, with constant arrays written by value (``pickle.loads`` reads it).
+
+    A Box observation space keeps four arrays of the observation's shape (low, high and where each
+    is bounded), nearly all constant: they were 1.1 of the 1.35 MB of each 300 x 300 image env, and
+    checkpoints of 32 NumberLine envs took 57 MB.
+    """
+    buf = io.BytesIO()
+    _CompactPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(env)
+    return buf.getvalue()
 
 
 class EnvGroup:
@@ -82,7 +106,7 @@ class EnvGroup:
     def state(self, _: Any = None) -> dict[int, bytes] | None:
         """Each env pickled, or None when one cannot be (ALFWorld holds a running game engine)."""
         try:
-            return {i: pickle.dumps(env) for i, env in self.envs.items()}
+            return {i: dumps_env(env) for i, env in self.envs.items()}
         except Exception:  # noqa: BLE001  (any env may hold unpicklable handles; resume then re-seeds)
             return None
 
