@@ -204,10 +204,29 @@ def test_k_nans_in_a_row_stop_with_one_line_and_keep_the_last_good_checkpoint(
     assert all(torch.equal(w2[k], w3[k]) and torch.isfinite(w3[k]).all() for k in w3)
 
 
-def test_a_learning_rate_that_blows_up_stops_cleanly_and_saves_nothing_bad(tiny_model, run_file, capsys, tmp_path):
+@pytest.mark.parametrize("checkpoint_every", [1, 3])
+def test_a_learning_rate_that_blows_up_stops_cleanly_and_saves_nothing_bad(tiny_model, run_file, capsys, tmp_path,
+                                                                            checkpoint_every):
+    # every 3: update 1 writes no checkpoint and is not scored; the next rollout's sampler refuses
+    # the blown-up weights' scores (NonFiniteLogits) and the run stops there
     out = tmp_path / "run"
     code = main(["train", "NumberLine", "--model", str(tiny_model), "--out", str(out), "--config", str(run_file),
-                 "--set", "ppo.lr=1e10", "ppo.lr_schedule=constant", "ppo.minibatch_size=4", "--quiet"])
+                 "--set", "ppo.lr=1e10", "ppo.lr_schedule=constant", "ppo.minibatch_size=4",
+                 f"checkpoint_every={checkpoint_every}", "--quiet"])
     err = _error_lines(capsys)
-    assert code == 1 and len(err) == 1 and "non-finite" in err[0], err
+    assert code == 1 and len(err) == 1 and "non-finite" in err[0] and "update 1" in err[0], err
     assert list_checkpoints(out) == [] and not (out / "final").exists()
+
+
+def test_a_policy_whose_weights_blew_up_is_one_line_at_evaluation(tiny_model, tmp_path, capsys):
+    from vlmrl.policy.model import VLMPolicy
+
+    policy = VLMPolicy.load(tiny_model)
+    with torch.no_grad():  # a text layer (the output embedding is tied, and saved as the input's)
+        for name, param in policy.hf_model.named_parameters():
+            if "layers.0.mlp" in name and "visual" not in name:
+                param.fill_(float("nan"))
+    policy.save(tmp_path / "broken")
+    code = main(["eval", "NumberLine", "--policy", str(tmp_path / "broken"), "--episodes", "2", "--quiet"])
+    err = _error_lines(capsys)
+    assert code == 2 and len(err) == 1 and "NaN or +inf" in err[0], err

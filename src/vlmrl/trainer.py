@@ -126,7 +126,7 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
     """
     from accelerate import Accelerator
 
-    from vlmrl.policy.model import VLMPolicy, cpu_threads
+    from vlmrl.policy.model import NonFiniteLogits, VLMPolicy, cpu_threads
     from vlmrl.policy.presets import resolve_model
 
     if task is not None:
@@ -240,10 +240,14 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
             sample_kw = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                              generator=sampling, invalid_action_penalty=ppo.invalid_action_penalty,
                              reference=reference)
-            if grouped:
-                stats = collector.collect_groups(policy, buffer, update=update, **sample_kw)
-            else:
-                last_value, stats = collector.collect(policy, buffer, **sample_kw)
+            try:
+                if grouped:
+                    stats = collector.collect_groups(policy, buffer, update=update, **sample_kw)
+                else:
+                    last_value, stats = collector.collect(policy, buffer, **sample_kw)
+            except NonFiniteLogits:  # the last update's weights, which no checkpoint holds
+                raise TrainingDiverged(_diverged(
+                    f"the weights after update {update} sample from non-finite scores", run_dir)) from None
             collect_seconds = time.perf_counter() - t0
 
             # 2. advantages, then PPO epochs over shuffled minibatches
@@ -260,13 +264,16 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
             nan_streak = result.nan_streak
             counters["nan_skipped"] += result.nan_skipped
             scheduler.step()
-            # Weights that blew up (a finite loss can still take a ruinous step) would sample NaNs in
-            # the next rollout and must not become "the last good checkpoint": score one minibatch.
-            if not _weights_finite(accelerator, policy, result.last_batch, ppo):
+            # Weights that blew up (a finite loss can still take a ruinous step) must not become "the
+            # last good checkpoint": an update that writes one scores a minibatch first. Other updates
+            # are caught by the next rollout, whose sampler refuses non-finite scores (NonFiniteLogits).
+            counters["update"] = update + 1
+            last = counters["update"] == cfg.total_updates
+            saving = bool(cfg.checkpoint_every and counters["update"] % cfg.checkpoint_every == 0) or last
+            if saving and not _weights_finite(accelerator, policy, result.last_batch, ppo):
                 raise TrainingDiverged(_diverged(
                     f"the weights after update {update + 1} give a non-finite loss; they were not saved", run_dir))
             update_seconds = time.perf_counter() - t1
-            counters["update"] = update + 1
 
             # 3. metrics, gathered over ranks (the only other place ranks meet)
             done = collector.pop_finished()
@@ -304,7 +311,11 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
             else:
                 metrics[M.EXPLAINED_VARIANCE] = explained_variance(buffer.values.flatten(), buffer.returns.flatten())
             if main and cfg.eval_every and counters["update"] % cfg.eval_every == 0:
-                metrics.update(_held_out(task, policy, cfg))
+                try:
+                    metrics.update(_held_out(task, policy, cfg))
+                except NonFiniteLogits:
+                    raise TrainingDiverged(_diverged(
+                        f"the weights after update {update + 1} sample from non-finite scores", run_dir)) from None
             if main:
                 logger.log(counters["update"], metrics)
                 _write_samples(run_dir, counters["update"], buffer, cfg.log_samples,
@@ -318,8 +329,7 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
                                     len(done.returns), stats.steps, policy))
 
             # 4. checkpoint: every K updates and at the end
-            last = counters["update"] == cfg.total_updates
-            if (cfg.checkpoint_every and counters["update"] % cfg.checkpoint_every == 0) or last:
+            if saving:
                 _checkpoint(accelerator, run_dir, counters["update"], cfg.keep_checkpoints, policy, run_state)
     finally:
         scope.close()

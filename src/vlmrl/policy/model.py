@@ -118,6 +118,11 @@ class ValueHead(nn.Module):
         return self.net(hidden.float()).squeeze(-1)
 
 
+class NonFiniteLogits(UserError):
+    """The model's next-token scores hold NaN or +inf: its weights have blown up (a ``UserError``, so
+    ``vlmrl eval`` of such a policy is one line; the trainer reports it as a diverged run)."""
+
+
 class _Sampler(LogitsProcessor):
     """Draws the next token itself (seeded) and records its log-probs; generate() then runs greedy.
 
@@ -141,6 +146,9 @@ class _Sampler(LogitsProcessor):
         self.constrained: list[torch.Tensor] = []  # [B] bool per step (only with a constraint)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if bool(torch.isnan(scores).any() or torch.isposinf(scores).any()):
+            raise NonFiniteLogits("the policy's next-token scores hold NaN or +inf: its weights have blown up; "
+                                  "use an earlier checkpoint, or lower the learning rate and train again")
         logp = lp.policy_logprobs(scores, self.temperature, self.banned)
         if self.constraint is not None:
             rows, allowed = self.constraint.step_masks(logp.shape[-1], logp.device)
@@ -808,4 +816,5 @@ def _lengths_to_stop(response: torch.Tensor, stop_ids: list[int]) -> torch.Tenso
     return first.long()
 
 
-__all__ = ["Encoded", "Scores", "Generation", "PolicyConfig", "VLMPolicy", "ValueHead", "lora_target_regex"]
+__all__ = ["Encoded", "Scores", "Generation", "NonFiniteLogits", "PolicyConfig", "VLMPolicy", "ValueHead",
+           "lora_target_regex"]
