@@ -96,9 +96,12 @@ def apply_overrides(rec: dict[str, Any], items: list[str]) -> dict[str, Any]:
 
 def run_one(task_name: str, cot: bool, rec: dict[str, Any], out: Path, model: str, seed: int, episodes: int,
             progress: bool) -> dict[str, Any]:
-    """SFT -> evaluate -> PPO -> evaluate for one task, with or without CoT (``vlmrl.demo.run_demo``)."""
+    """SFT -> evaluate -> PPO -> evaluate for one task, with or without CoT (``vlmrl.demo.run_demo``).
+    Serial (``parallel=False``): seeds run side by side as processes of their own (``--jobs``), and the
+    table's wall times stay those of one core."""
     return demo.run_demo(out, seed=seed, episodes=episodes, cot=cot, progress=progress, sft=rec["sft"],
-                         train_kw=rec["train"], ppo=rec["ppo"], task=task_name, model=model, recipe=rec["file"])
+                         train_kw=rec["train"], ppo=rec["ppo"], task=task_name, model=model, recipe=rec["file"],
+                         parallel=False)
 
 
 def baselines(task_name: str, episodes: int, seed: int) -> dict[str, dict[str, Any]]:

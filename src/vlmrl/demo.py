@@ -13,9 +13,15 @@ figure names the recipe file that made it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
+import multiprocessing
+import os
+import pickle
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +62,16 @@ def load_recipe(source: str | Path | dict[str, Any]) -> dict[str, Any]:
 def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, episodes: int | None = None, cot: bool = True,
              progress: bool = True, sft: dict[str, Any] | None = None, train_kw: dict[str, Any] | None = None,
              ppo: PPOConfig | None = None, task: str = TASK, model: str = "tiny",
-             recipe: str | Path | dict[str, Any] | None = None) -> dict[str, Any]:
+             recipe: str | Path | dict[str, Any] | None = None, parallel: bool | None = None) -> dict[str, Any]:
     """Run the five steps; print the table and return it as a dict (also written to demo.json).
 
     ``recipe`` defaults to the task's file under configs/recipes; ``sft``, ``train_kw`` and ``ppo``
     change it (benchmarks pass their overrides); ``episodes`` defaults to the recipe's [eval].
+
+    ``parallel`` (None: when this process may use two CPUs or more) evaluates the SFT policy in a
+    second process while PPO trains: the tiny model runs on one thread, so PPO leaves a core idle.
+    The evaluation is seeded on its own, so the printed figures are the same either way.
     """
-    from vlmrl.evaluate import ModelPolicy, evaluate
     from vlmrl.policy.presets import resolve_model
     from vlmrl.sft import SFTConfig, run_sft
     from vlmrl.tasks import get_task
@@ -95,23 +104,28 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, episodes: int | N
     sft_dir = run_sft(sft_cfg)
     stage("SFT", t0)
 
-    def held_out(path: Path, name: str):
-        policy = ModelPolicy.load(str(path), task, cot=cot, temperature=ev.temperature, seed=seed,
-                                  max_new_tokens=train_kw["max_new_tokens"], name=name)
-        return evaluate(task, policy, episodes, seed=seed, num_envs=ev.num_envs, progress=progress)
-
-    t0 = time.perf_counter()
-    before = held_out(sft_dir, "SFT")
-    stage("evaluate SFT", t0)
-
-    t0 = time.perf_counter()
+    held_out = functools.partial(_held_out, task=task, cot=cot, ev=ev, seed=seed, episodes=episodes,
+                                 max_new_tokens=train_kw["max_new_tokens"])
     cfg = TrainConfig(task=task.name, model=str(sft_dir), out_dir=str(out / "ppo"), seed=seed, cot=cot,
                       ppo=ppo or rec["ppo"], policy=rec["policy"], **train_kw)
-    final = train(cfg, progress=progress)
-    stage("PPO", t0)
+    beside = _second_process(task) if (parallel if parallel is not None else _cpus() >= 2) else None
+    with beside or contextlib.nullcontext():
+        t0 = time.perf_counter()
+        if beside is not None:
+            pending = beside.submit(_timed, held_out, sft_dir, "SFT", progress=False)
+        else:
+            before = held_out(sft_dir, "SFT", progress=progress)
+            stage("evaluate SFT", t0)
+
+        t0 = time.perf_counter()
+        final = train(cfg, progress=progress)
+        stage("PPO", t0)
+        if beside is not None:
+            before, times["evaluate SFT"] = pending.result()
+            print(f"[demo] evaluate SFT (in a second process, beside PPO) took {times['evaluate SFT']:.0f} s", flush=True)
 
     t0 = time.perf_counter()
-    after = held_out(final, "SFT+PPO")
+    after = held_out(final, "SFT+PPO", progress=progress)
     stage("evaluate SFT+PPO", t0)
 
     times["total"] = round(time.perf_counter() - t_start, 1)
@@ -124,6 +138,38 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, episodes: int | N
                "train": json.loads(json.dumps(dataclasses.asdict(cfg)))}
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _held_out(path: Path, name: str, *, task: Any, cot: bool, ev: EvalConfig, seed: int, episodes: int,
+              max_new_tokens: int, progress: bool):
+    """The policy in ``path`` on the held-out episodes (an ``EvalResult``)."""
+    from vlmrl.evaluate import ModelPolicy, evaluate
+
+    policy = ModelPolicy.load(str(path), task, cot=cot, temperature=ev.temperature, seed=seed,
+                              max_new_tokens=max_new_tokens, name=name)
+    return evaluate(task, policy, episodes, seed=seed, num_envs=ev.num_envs, progress=progress)
+
+
+def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    return fn(*args, **kwargs), round(time.perf_counter() - t0, 1)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _second_process(task: Any) -> ProcessPoolExecutor | None:
+    """One worker process (spawned: this one runs torch threads), or None when the task cannot be sent
+    to it (a task class defined in ``__main__`` or a closure): the evaluation then runs here."""
+    try:
+        pickle.dumps(task)
+    except Exception:  # noqa: BLE001  (whatever pickling raises, the serial path is right)
+        return None
+    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _table(task: str, before, after) -> str:
