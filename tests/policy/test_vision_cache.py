@@ -65,6 +65,9 @@ def test_scores_and_samples_are_unchanged(tiny_by_arch):
         gen = policy.generate(images, prompts, temperature=1.0, max_new_tokens=12, seed=3)
         scores = policy.score(images, prompts, gen.response_ids, gen.lengths)
         out[cache] = (gen.response_ids, gen.logprobs, scores.action_logprob, scores.values)
+        if cache:  # through the policy, keyed by the raw images' digests (no pixel hashing)
+            assert policy.vision_cache.features.hits >= 6
+            assert {key[0] for key in policy.vision_cache.features._items} == {"image"}
     for a, b in zip(out[True], out[False]):
         assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
 

@@ -120,10 +120,13 @@ class InputCache:
         """Forget every row (e.g. before a cold-cache timing)."""
         self.rows.clear()
 
-    def __call__(self, images: Sequence[Any], prompts: Sequence[str], process: Process) -> Rows:
+    def __call__(self, images: Sequence[Any], prompts: Sequence[str], process: Process,
+                 image_keys: Sequence[Hashable] | None = None) -> Rows:
+        """``image_keys``: ``image_key`` of each image, when the caller has them already."""
         if self.rows.max_entries < 1 or not len(prompts):
             return process(images, prompts)
-        keys = [(image_key(im), p) for im, p in zip(images, prompts)]
+        image_keys = image_keys if image_keys is not None else [image_key(im) for im in images]
+        keys = list(zip(image_keys, prompts))
         found: dict[Hashable, Rows] = {}
         for key, image, prompt in zip(keys, images, prompts):
             if key in found:

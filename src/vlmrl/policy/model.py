@@ -51,7 +51,7 @@ from vlmrl.policy.hf import quiet_library_bars
 from vlmrl.errors import UserError
 from vlmrl.policy import logprob as lp
 from vlmrl.policy.constrain import ActionConstraints, ConstrainedBatch, ConstraintMasks, allowed_matrix
-from vlmrl.policy.input_cache import LRU, InputCache
+from vlmrl.policy.input_cache import LRU, InputCache, image_key
 from vlmrl.policy.vision_cache import install as install_vision_cache
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -73,6 +73,8 @@ class Encoded:
     response_lengths: torch.Tensor
     # the response ids per row (unpadded), for decoding
     response_ids: list[list[int]] = field(default_factory=list)
+    # input_cache.image_key of each row's image (None: a text-only batch), for the vision cache
+    image_keys: list[Any] | None = None
 
 
 @dataclass
@@ -359,7 +361,8 @@ class VLMPolicy(nn.Module):
         if len(images) != len(prompts):
             raise UserError(f"got {len(images)} images for {len(prompts)} prompts: give one image per prompt")
         text_only = _text_only(images)  # checked on the whole batch, before rows are looked up one by one
-        inputs = self.input_cache(images, prompts, lambda ims, ps: self._process_prompts(ims, ps, text_only))
+        keys = None if text_only else [image_key(im) for im in images]
+        inputs = self.input_cache(images, prompts, lambda ims, ps: self._process_prompts(ims, ps, text_only), keys)
         ids = _response_id_lists(self, responses, lengths, len(prompts))
         inputs, mask = _append_left_padded(inputs, ids, self.pad_token_id)
         return Encoded(
@@ -367,7 +370,14 @@ class VLMPolicy(nn.Module):
             response_mask=mask.to(self.device),
             response_lengths=torch.tensor([len(r) for r in ids], dtype=torch.long, device=self.device),
             response_ids=ids,
+            image_keys=keys,
         )
+
+    def _images_of(self, enc: Encoded) -> contextlib.AbstractContextManager:
+        """Tells the vision cache which images the next model call encodes (saves hashing pixels)."""
+        if self.vision_cache is None or enc.image_keys is None:
+            return contextlib.nullcontext()
+        return self.vision_cache.images(enc.image_keys)
 
     def _process_prompts(self, images: Sequence[Any], prompts: Sequence[str], text_only: bool) -> dict[str, torch.Tensor]:
         """The processor on a batch of prompts (chat template, image preprocessing, left padding)."""
@@ -428,7 +438,7 @@ class VLMPolicy(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with _capture_input(self.hf_model.get_output_embeddings()) as seen:
+            with _capture_input(self.hf_model.get_output_embeddings()) as seen, self._images_of(enc):
                 out = self.model.generate(
                     **enc.inputs, generation_config=gen_config, logits_processor=LogitsProcessorList([sampler])
                 )
@@ -486,7 +496,7 @@ class VLMPolicy(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with _capture_input(self.hf_model.get_output_embeddings()) as seen:
+            with _capture_input(self.hf_model.get_output_embeddings()) as seen, self._images_of(enc):
                 self.model(**enc.inputs, use_cache=False, **extra)
         finally:
             self.train(was_training)
@@ -528,7 +538,7 @@ class VLMPolicy(nn.Module):
         words = self._constrained(legal_actions, constrained, len(prompts))
         # the masks first: a response not sampled under these words fails before the forward pass
         cm = None if words is None else self.constraint_masks(enc.response_ids, words)
-        with _capture_input(self.hf_model.get_output_embeddings()) as seen:
+        with _capture_input(self.hf_model.get_output_embeddings()) as seen, self._images_of(enc):
             out = self.model(**enc.inputs, use_cache=False, **extra)
         logits = out.logits[:, -keep:]
         hidden = seen[-1][:, -keep:]
