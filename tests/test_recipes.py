@@ -17,7 +17,8 @@ DEMO_TRAIN = dict(num_envs=32, num_steps=4, total_updates=30, temperature=0.2, m
 # and halve its rate (EZPoints held >= 85% on seeds 0, 1 and 3 only so)
 CRITIC = dict(lr=5e-5, value_lr=3e-3, lr_warmup_updates=5)
 OVERRIDES = {
-    "NumberLine": {"ppo": CRITIC},
+    # checkpoint_every changes where a run can resume from, not its figures (issue #14: the demo's time)
+    "NumberLine": {"ppo": CRITIC, "train": dict(checkpoint_every=5)},
     "EZPoints": {"train": dict(total_updates=30), "ppo": CRITIC},
     "Points24": {"sft": dict(episodes=1500, steps=4500, random_action_fraction=0.0),
                  "train": dict(total_updates=20, max_new_tokens=64), "ppo": dict(lr=3e-5, end_lr=3e-6)},
