@@ -28,16 +28,14 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from vlmrl import demo
 from vlmrl.config import PPOConfig, TrainConfig
 from vlmrl.errors import UserError
+from vlmrl.metrics import run_seed_processes
 from vlmrl.sft import SFTConfig
 from vlmrl.tasks import CARD_TASKS, get_task
 
@@ -254,33 +252,14 @@ def merge(folders: list[str]) -> dict[str, Any]:
 
 
 def run_seeds(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """Every seed of ``args.seeds`` as its own process of this script (``--seed S --out <out>/seed-S``,
-    output in ``<out>/seed-S.log``), at most ``args.jobs`` at a time, each with one torch thread (small
-    matmuls on contended OpenMP threads are slower than on one); then the tables over the seeds."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Every seed of ``args.seeds`` as its own process of this script (``metrics.run_seed_processes``:
+    ``--seed S --out <out>/seed-S``, one torch thread, at most ``args.jobs`` at a time); then the tables
+    over the seeds."""
     common = ["--tasks", *args.tasks, "--cot", args.cot, "--budget", str(args.budget), "--episodes",
               str(args.episodes), "--model", args.model, "--threads", "1", "--quiet"]
     if args.set:
         common += ["--set", *args.set]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-    def one(seed: int) -> tuple[int, int]:
-        cmd = [sys.executable, str(Path(__file__).resolve()), *common, "--seed", str(seed),
-               "--out", str(out / f"seed-{seed}")]
-        with open(out / f"seed-{seed}.log", "w") as log:
-            code = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-        print(f"[learning] seed {seed}: {'done' if code == 0 else f'failed (exit {code})'}, "
-              f"log {out / f'seed-{seed}.log'}", flush=True)
-        return seed, code
-
-    print(f"{len(args.seeds)} seeds ({' '.join(map(str, args.seeds))}), {args.jobs} at a time, one process "
-          f"each; logs in {out}/seed-*.log", flush=True)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        codes = dict(pool.map(one, args.seeds))
-    failed = [s for s in args.seeds if codes[s] != 0]
-    if failed:
-        raise UserError(f"seed(s) {', '.join(map(str, failed))} failed: see " +
-                        ", ".join(str(out / f"seed-{s}.log") for s in failed))
+    run_seed_processes(__file__, common, args.seeds, args.jobs, out, "learning")
     parts = [json.loads((out / f"seed-{s}" / "learning.json").read_text()) for s in args.seeds]
     summary = {"budget": args.budget, "episodes": args.episodes, "seeds": list(args.seeds), **tables(parts),
                "per_seed": parts}

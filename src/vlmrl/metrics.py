@@ -235,6 +235,37 @@ def load_average() -> str:
     return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
+def run_seed_processes(script: str | os.PathLike, args: list[str], seeds: list[int], jobs: int, out: Path,
+                       name: str) -> None:
+    """``python script *args --seed S --out <out>/seed-S`` for every seed, each its own process (output in
+    ``<out>/seed-S.log``), at most ``jobs`` at a time, one OpenMP/MKL thread each (tiny matmuls on
+    contended threads are slower than on one). A seed that fails is one ``UserError`` naming its log.
+    The benchmarks that report figures over seeds (learning.py, estimators.py) run their seeds so."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def one(seed: int) -> tuple[int, int]:
+        cmd = [sys.executable, str(Path(script).resolve()), *args, "--seed", str(seed), "--out", str(out / f"seed-{seed}")]
+        with open(out / f"seed-{seed}.log", "w") as log:
+            code = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        print(f"[{name}] seed {seed}: {'done' if code == 0 else f'failed (exit {code})'}, "
+              f"log {out / f'seed-{seed}.log'}", flush=True)
+        return seed, code
+
+    print(f"{len(seeds)} seeds ({' '.join(map(str, seeds))}), {jobs} at a time, one process each; logs in "
+          f"{out}/seed-*.log", flush=True)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        codes = dict(pool.map(one, seeds))
+    failed = [s for s in seeds if codes[s] != 0]
+    if failed:
+        raise UserError(f"seed(s) {', '.join(map(str, failed))} failed: see " +
+                        ", ".join(str(out / f"seed-{s}.log") for s in failed))
+
+
 def machine_line(details: str) -> str:
     """``"<UTC date>; <CPU model>, <n> logical cores, <details>, load average <1 5 15 min>"``."""
     cpu = platform.processor() or platform.machine()
