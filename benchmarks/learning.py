@@ -114,16 +114,24 @@ def baselines(task_name: str, episodes: int, seed: int) -> dict[str, dict[str, A
 # --- the table -----------------------------------------------------------------------------------------
 
 
+#: the expert's exact Blackjack win rate under these rules (README, "Tasks")
+BLACKJACK_EXPERT_EXACT = 0.4295
+
+
 def target(task: str, success: float, expert: float) -> tuple[str, bool]:
-    """The issue's target for the tiny model (with CoT), as text, and whether ``success`` meets it."""
+    """Issue #15's target for the tiny model with CoT, on every seed, as text, and whether ``success``
+    meets it. Blackjack's is the expert's exact rate +- 2 points; ``expert`` (its rate on these same
+    deals) is shown beside it, and the issue checks it over 5,000 fresh deals (README)."""
     if task == "NumberLine":
         return ">= 95%", success >= 0.95
     if task == "EZPoints":
-        return ">= 60%", success >= 0.60
+        return ">= 85%", success >= 0.85
     if task == "Points24":
-        return "> 10%", success > 0.10
+        return "> 20%", success > 0.20
     if task == "Blackjack":
-        return f"expert +- 2 ({100 * expert:.1f})", abs(success - expert) <= 0.02
+        exact = 100 * BLACKJACK_EXPERT_EXACT
+        return (f"{exact:.2f} +- 2 (expert here {100 * expert:.1f})",
+                abs(success - BLACKJACK_EXPERT_EXACT) <= 0.02)
     return "-", True
 
 
