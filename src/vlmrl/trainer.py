@@ -240,14 +240,10 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
             sample_kw = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                              generator=sampling, invalid_action_penalty=ppo.invalid_action_penalty,
                              reference=reference)
-            try:
-                if grouped:
-                    stats = collector.collect_groups(policy, buffer, update=update, **sample_kw)
-                else:
-                    last_value, stats = collector.collect(policy, buffer, **sample_kw)
-            except NonFiniteLogits:  # the last update's weights, which no checkpoint holds
-                raise TrainingDiverged(_diverged(
-                    f"the weights after update {update} sample from non-finite scores", run_dir)) from None
+            if grouped:
+                stats = collector.collect_groups(policy, buffer, update=update, **sample_kw)
+            else:
+                last_value, stats = collector.collect(policy, buffer, **sample_kw)
             collect_seconds = time.perf_counter() - t0
 
             # 2. advantages, then PPO epochs over shuffled minibatches
@@ -311,11 +307,7 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
             else:
                 metrics[M.EXPLAINED_VARIANCE] = explained_variance(buffer.values.flatten(), buffer.returns.flatten())
             if main and cfg.eval_every and counters["update"] % cfg.eval_every == 0:
-                try:
-                    metrics.update(_held_out(task, policy, cfg))
-                except NonFiniteLogits:
-                    raise TrainingDiverged(_diverged(
-                        f"the weights after update {update + 1} sample from non-finite scores", run_dir)) from None
+                metrics.update(_held_out(task, policy, cfg))
             if main:
                 logger.log(counters["update"], metrics)
                 _write_samples(run_dir, counters["update"], buffer, cfg.log_samples,
@@ -331,6 +323,9 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
             # 4. checkpoint: every K updates and at the end
             if saving:
                 _checkpoint(accelerator, run_dir, counters["update"], cfg.keep_checkpoints, policy, run_state)
+    except NonFiniteLogits:  # a rollout or held-out evaluation sampled from weights no checkpoint holds
+        raise TrainingDiverged(_diverged(
+            f"the weights after update {counters['update']} sample from non-finite scores", run_dir)) from None
     finally:
         scope.close()
         bar.close()

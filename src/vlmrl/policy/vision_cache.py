@@ -85,14 +85,15 @@ class VisionCache:
         else:
             keys = [_key(r, g, where) for r, g in zip(rows, grids)]
         found: dict[Hashable, torch.Tensor] = {}
-        for k in keys:
-            hit = self.features.get(k) if k not in found else found[k]
-            if hit is not None:
+        first: dict[Hashable, int] = {}  # a missing key -> its first row (duplicates are encoded once)
+        for i, k in enumerate(keys):
+            if k in found or k in first:
+                continue
+            hit = self.features.get(k)
+            if hit is None:
+                first[k] = i
+            else:
                 found[k] = hit
-        missing = [i for i, k in enumerate(keys) if k not in found]
-        first = {}  # key -> its first row among the missing (duplicates are encoded once)
-        for i in missing:
-            first.setdefault(keys[i], i)
         out = None
         if first:
             idx = list(first.values())
