@@ -61,16 +61,18 @@ SEC_PER_PPO_STEP = 0.58  # one env step of a rollout, generation and update incl
 
 
 def evaluate_split(policy_dir: str, split: str, games: int | None, num_envs: int, temperature: float,
-                   seed: int, max_new_tokens: int, progress: bool):
-    """The policy in ``policy_dir`` on every game of ``split`` (or the first ``games``)."""
+                   seed: int, max_new_tokens: int, progress: bool, history_length: int = 0,
+                   constrained: bool | None = None):
+    """The policy in ``policy_dir`` on every game of ``split`` (or the first ``games``), with the
+    memory it was trained with and (``constrained``) constrained action decoding."""
     from vlmrl.evaluate import ModelPolicy, evaluate
     from vlmrl.tasks import get_task
 
     task = get_task("ALFWorld")
     policy = ModelPolicy.load(policy_dir, task, cot=True, temperature=temperature, seed=seed,
-                              max_new_tokens=max_new_tokens, name=str(policy_dir))
+                              max_new_tokens=max_new_tokens, name=str(policy_dir), constrained=constrained)
     return evaluate(task, policy, games, seed=seed, num_envs=num_envs, env_kwargs={"split": split},
-                    progress=progress, each_game_once=True)
+                    progress=progress, each_game_once=True, history_length=history_length)
 
 
 def table(results: dict[str, Any]) -> str:
@@ -113,9 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-envs", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--history-length", type=int, default=0,
+                   help="memory: the last K steps in every prompt (demonstrations, PPO and evaluation)")
+    p.add_argument("--constrained", action="store_true",
+                   help="constrained action decoding in PPO and evaluation (the action is always admissible)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.history_length < 0:
+        p.error(f"--history-length must be >= 0, got {args.history_length}")
     if not os.environ.get("ALFWORLD_DATA"):
         print("set ALFWORLD_DATA to the folder holding json_2.1.1/ (e.g. ../shared/data/alfworld)", file=sys.stderr)
         return 2
@@ -133,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     def evaluate_stage(name: str, folder: str) -> Any:
         t0 = time.perf_counter()
         result = evaluate_split(folder, args.split, args.eval_games, args.eval_envs, args.temperature,
-                                args.seed, args.max_new_tokens, progress)
+                                args.seed, args.max_new_tokens, progress, args.history_length,
+                                True if args.constrained else None)
         lap(f"eval {name}", t0)
         print(result.table(), flush=True)
         (out / f"eval_{name.replace(' ', '_').replace('+', '_')}.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
@@ -159,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         demos = []
         for games, fraction, seed in demo_sets:
-            demos += cached_demonstrations(task, games, fraction, True, seed, train_kwargs, progress=progress)
+            demos += cached_demonstrations(task, games, fraction, True, seed, train_kwargs,
+                                           history_length=args.history_length, progress=progress)
         lap("demonstrations", t0)
         print(f"[alfworld] {len(demos)} steps, {sum(d.expert for d in demos)} of them the expert's", flush=True)
         return demos
@@ -167,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "demos":
         demonstrations()
         for games, fraction, seed in demo_sets:
-            print(f"[alfworld] cached: {cache_path(task, games, fraction, True, seed, train_kwargs)}")
+            print(f"[alfworld] cached: {cache_path(task, games, fraction, True, seed, train_kwargs, history_length=args.history_length)}")
         return 0
 
     from vlmrl.config import PolicyConfig, PPOConfig, TrainConfig
@@ -208,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(task="ALFWorld", model=str(sft_dir), out_dir=str(out / "ppo"), seed=args.seed + 1,
                           num_envs=args.ppo_envs, num_steps=args.ppo_steps, total_updates=updates,
                           temperature=args.temperature, max_new_tokens=args.max_new_tokens, checkpoint_every=0,
-                          tensorboard=False, ppo=ppo, policy=PolicyConfig(finetune="full", train_vision=False))
+                          tensorboard=False, ppo=ppo, history_length=args.history_length,
+                          policy=PolicyConfig(finetune="full", train_vision=False, constrained_actions=args.constrained))
         final = train(cfg, progress=progress)
         lap(f"ppo ({updates} updates)", t0)
 

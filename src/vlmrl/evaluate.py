@@ -72,19 +72,22 @@ class ModelPolicy:
     """A VLM policy folder (from ``vlmrl sft`` / ``vlmrl train``, or any HF VLM) as a text policy.
 
     Samples one batch per step for all running episodes, from its own seeded generator.
+    ``constrained`` (None: the policy's own ``constrained_actions``) turns constrained action decoding
+    on or off, e.g. on for an SFT folder, which saves no policy settings.
     """
 
     def __init__(self, policy, task: Task, cot: bool = True, temperature: float = 0.2, seed: int = 0,
-                 max_new_tokens: int | None = None, name: str = "model"):
+                 max_new_tokens: int | None = None, name: str = "model", constrained: bool | None = None):
         import torch
 
         self.policy, self.task, self.cot, self.name = policy, task, cot, name
-        self.temperature, self.max_new_tokens = temperature, max_new_tokens
+        self.temperature, self.max_new_tokens, self.constrained = temperature, max_new_tokens, constrained
         self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
     def load(cls, path: str, task: Task, cot: bool = True, temperature: float = 0.2, seed: int = 0,
-             max_new_tokens: int | None = None, name: str | None = None) -> ModelPolicy:
+             max_new_tokens: int | None = None, name: str | None = None,
+             constrained: bool | None = None) -> ModelPolicy:
         from vlmrl.config import PolicyConfig
         from vlmrl.policy.model import POLICY_CONFIG_FILE, VLMPolicy
         from vlmrl.policy.presets import is_hub_id, resolve_model
@@ -98,7 +101,8 @@ class ModelPolicy:
         # A folder saved by VLMPolicy.save knows its own settings; a plain HF folder is scored as is.
         config = None if (folder / POLICY_CONFIG_FILE).is_file() else PolicyConfig(finetune="none")
         source = str(resolve_model(path, task)) if config is not None else path
-        return cls(VLMPolicy.load(source, config), task, cot, temperature, seed, max_new_tokens, name=name or str(path))
+        return cls(VLMPolicy.load(source, config), task, cot, temperature, seed, max_new_tokens,
+                   name=name or str(path), constrained=constrained)
 
     def act(self, observations, infos):
         import torch
@@ -111,7 +115,8 @@ class ModelPolicy:
             # the legal words: a policy saved with constrained_actions samples under the same masks
             gen = self.policy.generate(images, prompts, temperature=self.temperature,
                                        max_new_tokens=self.max_new_tokens, seed=self.generator,
-                                       legal_actions=[self.task.legal_actions(info) for info in infos])
+                                       legal_actions=[self.task.legal_actions(info) for info in infos],
+                                       constrained=self.constrained)
         return gen.texts
 
 
