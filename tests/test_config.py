@@ -138,7 +138,8 @@ def test_an_option_the_env_does_not_take_is_a_user_error():
 
 @pytest.mark.parametrize("key, owner", [("temperature", "temperature"), ("top_p", "top_p"),
                                         ("max_new_tokens", "max_new_tokens"),
-                                        ("thought_weight", "ppo.thought_weight"), ("seed", "seed")])
+                                        ("thought_weight", "ppo.thought_weight"),
+                                        ("reading_weight", "ppo.reading_weight"), ("seed", "seed")])
 def test_a_policy_key_the_run_would_ignore_is_an_error(key, owner):
     # these were accepted, then replaced by the run's own field of the same meaning
     with pytest.raises(UserError, match=rf"'policy.{key}' would be ignored.*set {owner} instead"):

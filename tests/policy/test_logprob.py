@@ -127,3 +127,39 @@ def test_cot_weights_and_alignment():
     assert lp.right_to_left(x, torch.tensor([4, 2, 0])).tolist() == [[0, 1, 2, 3], [5, 6, 0, 0], [0, 0, 0, 0]]
     m = lp.masked_mean(torch.tensor([[1.0, 3.0, 9.0], [2.0, 2.0, 2.0]]), torch.tensor([[1, 1, 0], [0, 0, 0]]))
     assert m.tolist() == [2.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "text, end",
+    [
+        ('{"dealer card": "7", "your total": "15", "thoughts": "Hard 15", "action": "hit"}', 41),
+        ('{"thoughts": "go", "action": "+"}', 1),  # no state fields: an empty reading
+        ('{"dealer card": "7", "action": "hit"}', None),  # no thoughts key
+        ('{"action": "hit", "thoughts": "late"}', None),  # thoughts after the action: not a reading
+    ],
+)
+def test_reading_end(text, end):
+    assert lp.reading_end(text) == end
+
+
+def test_cot_weights_with_a_reading_weight():
+    # the first `readings` tokens get reading_weight, then lambda up to the boundary, then 1
+    w = lp.cot_weights(torch.tensor([3, 2]), torch.tensor([4, 3]), width=4, thought_weight=0.5,
+                       readings=torch.tensor([2, 0]), reading_weight=0.0)
+    assert w.tolist() == [[0, 0, 0.5, 1], [0.5, 0.5, 1, 0]]
+    # unset: the paper's single lambda
+    same = lp.cot_weights(torch.tensor([3]), torch.tensor([4]), 4, 0.5, torch.tensor([2]), None)
+    assert same.tolist() == [[0.5, 0.5, 0.5, 1]]
+
+
+@pytest.mark.parametrize("fixture", ["byte_bpe", "metaspace_bpe"])
+def test_reading_from_real_tokenizer_offsets(request, fixture):
+    tok = request.getfixturevalue(fixture)
+    text = '{"current": "3", "target": "7", "thoughts": "3 is less than 7, so I move right.", "action": "+"}'
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    r = lp.reading_from_ids(tok, ids)
+    key = text.index('"thoughts"')
+    # the reading's tokens stop before the thoughts key; the next token reaches into it
+    assert len(tok.decode(ids[:r], skip_special_tokens=True)) <= key < lp.prefix_char_ends(tok, ids)[r]
+    assert 0 < r < lp.boundary_from_ids(tok, ids)
+    assert lp.reading_from_ids(tok, tok('{"action": "+"}', add_special_tokens=False)["input_ids"]) == 0

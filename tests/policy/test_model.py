@@ -62,6 +62,24 @@ def test_evaluate_recomputes_the_sampled_logprobs(tiny, arch, finetune):
     assert ((ev.entropy > 0) & (ev.entropy <= np.log(policy.hf_model.config.get_text_config().vocab_size) + 1e-4)).all()
 
 
+def test_a_reading_weight_reweighs_only_the_state_fields(tiny):
+    # the same responses scored with the reading at weight 0 lose exactly their state fields' terms,
+    # and the rollout's action log-prob (from the sampled log-probs) agrees with the scored one
+    policy = load(tiny("qwen2_vl"), finetune="none", reading_weight=0.0)
+    response = TEXTS[0]
+    ids = policy.tokenizer(response, add_special_tokens=False)["input_ids"]
+    ims = images(1)
+    with torch.no_grad():
+        ev = policy.score(ims, PROMPTS[:1], [ids], temperature=1.0)
+    from vlmrl.policy import logprob as lp
+
+    r, b = lp.reading_from_ids(policy.tokenizer, ids), lp.boundary_from_ids(policy.tokenizer, ids)
+    assert 0 < r < b < len(ids)
+    logp = ev.token_logprobs[0, : len(ids)]
+    assert torch.allclose(ev.action_logprob[0], 0.5 * logp[r:b].sum() + logp[b:].sum(), atol=1e-5)
+    assert torch.allclose(policy.action_logprob([ids], ev.token_logprobs), ev.action_logprob, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava_next"])
 def test_other_architectures_load_and_generate(tiny, arch):
     policy = load(tiny(arch))

@@ -75,6 +75,20 @@ def token_logprobs(
     return logp, entropy
 
 
+_THOUGHTS_KEY = re.compile(r'"thoughts"\s*:')
+
+
+def reading_end(text: str) -> int | None:
+    """Character index where the CoT's reading of the state ends: the first ``"thoughts":`` key
+    before the last ``"action":`` key (``Task.response`` writes the state fields, then the thoughts,
+    then the action). None when there is no such key: the answer then has no reading."""
+    action = action_key_start(text)
+    m = _THOUGHTS_KEY.search(text, 0)
+    if m is None or (action is not None and m.start() > action):
+        return None
+    return m.start()
+
+
 def action_key_start(text: str) -> int | None:
     """Character index where the last ``"action":`` key starts in ``text``, or None if there is none."""
     matches = list(_ACTION_KEY.finditer(text))
@@ -165,15 +179,29 @@ def action_boundary(text: str, char_ends: Sequence[int]) -> int:
     return token_at_char(char_ends, start)
 
 
-def cot_weights(boundaries: torch.Tensor, lengths: torch.Tensor, width: int, thought_weight: float) -> torch.Tensor:
-    """Per-token weights: ``thought_weight`` before the boundary, 1 from it on, 0 past the length.
+def cot_weights(boundaries: torch.Tensor, lengths: torch.Tensor, width: int, thought_weight: float,
+                readings: torch.Tensor | None = None, reading_weight: float | None = None) -> torch.Tensor:
+    """Per-token weights: ``thought_weight`` before the boundary, 1 from it on, 0 past the length;
+    ``reading_weight`` (None: ``thought_weight``) on the first ``readings`` tokens (the state fields).
 
-    boundaries [B], lengths [B] (left-aligned responses) -> weights [B, width] float32.
+    boundaries [B], lengths [B], readings [B] or None (left-aligned responses) -> weights [B, width] float32.
     """
     t = torch.arange(width, device=lengths.device).unsqueeze(0)
     inside = t < lengths.unsqueeze(1)
     weights = torch.where(t < boundaries.to(lengths.device).unsqueeze(1), thought_weight, 1.0)
+    if readings is not None and reading_weight is not None and reading_weight != thought_weight:
+        weights = torch.where(t < readings.to(lengths.device).unsqueeze(1), reading_weight, weights)
     return torch.where(inside, weights, 0.0).float()
+
+
+def reading_from_ids(tokenizer: Any, ids: Sequence[int], text: str | None = None) -> int:
+    """Number of leading tokens that hold the CoT's reading of the state (before the token that holds
+    the ``"thoughts"`` key, ``reading_end``); 0 without one. ``text`` as in ``boundary_from_ids``."""
+    ids = [int(i) for i in ids]
+    if text is None:
+        text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    end = reading_end(text)
+    return 0 if end is None else first_token_past(tokenizer, ids, end, text)
 
 
 def right_to_left(x: torch.Tensor, lengths: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
@@ -200,6 +228,8 @@ __all__ = [
     "action_key_start",
     "boundary_from_ids",
     "cot_weights",
+    "reading_end",
+    "reading_from_ids",
     "first_token_past",
     "masked_mean",
     "policy_logprobs",

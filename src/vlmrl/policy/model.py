@@ -465,20 +465,26 @@ class VLMPolicy(nn.Module):
     def cot_weights(
         self, response_ids: Sequence[Sequence[int]], width: int, thought_weight: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token weights [B, width] (lambda on CoT tokens, 1 on the action part, 0 past the end)
-        and the boundaries [B], from the decoded text's character offsets."""
+        """Per-token weights [B, width] (lambda on CoT tokens, ``config.reading_weight`` on the CoT's
+        state fields where set, 1 on the action part, 0 past the end) and the boundaries [B], from the
+        decoded text's character offsets."""
         lam = self.config.thought_weight if thought_weight is None else thought_weight
-        bounds = []
+        bounds, reads = [], []
         for ids in response_ids:
             key = tuple(int(i) for i in ids)  # PPO epochs score the same responses again
-            bound = self.boundary_cache.get(key)
-            if bound is None:
-                bound = lp.boundary_from_ids(self.tokenizer, key)  # O(log T) decodes, same as the slow path
-                self.boundary_cache.put(key, bound, len(key))
-            bounds.append(bound)
+            found = self.boundary_cache.get(key)
+            if found is None:
+                text = self.tokenizer.decode(key, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                # O(log T) decodes each, the same as the slow path
+                found = (lp.boundary_from_ids(self.tokenizer, key, text), lp.reading_from_ids(self.tokenizer, key, text))
+                self.boundary_cache.put(key, found, len(key))
+            bounds.append(found[0])
+            reads.append(found[1])
         boundaries = torch.tensor(bounds, dtype=torch.long)
         lengths = torch.tensor([len(ids) for ids in response_ids], dtype=torch.long)
-        return lp.cot_weights(boundaries, lengths, width, lam), boundaries
+        weights = lp.cot_weights(boundaries, lengths, width, lam, torch.tensor(reads, dtype=torch.long),
+                                 self.config.reading_weight)
+        return weights, boundaries
 
     def action_logprob(
         self, response_ids: Sequence[Sequence[int]], token_logprobs: torch.Tensor, thought_weight: float | None = None
