@@ -36,15 +36,19 @@ def field_value(text: str, name: str) -> str | None:
 
 
 def tally(task: Any, infos: list[dict], replies: list[str], rng: np.random.Generator, counts: Counter,
-          wrong: Counter) -> list[int]:
-    """Count one batch of steps into ``counts`` (and disagreeing state keys into ``wrong``); the actions."""
+          wrong: Counter, counted: list[bool]) -> list[int]:
+    """Count one batch of steps into ``counts`` (and disagreeing state keys into ``wrong``), those
+    marked in ``counted``; the actions of all."""
     from vlmrl.tasks.parsing import parse_action
 
     actions = []
     names = [name for name, _ in task.state_fields]
-    for info, text in zip(infos, replies):
+    for info, text, count in zip(infos, replies, counted):
         words = task.legal_actions(info)
         parsed = parse_action(text, words, rng)
+        actions.append(parsed.action)
+        if not count:
+            continue
         right = [" ".join((field_value(text, n) or "").split()) == " ".join(t.split())
                  for n, t in zip(names, task.read_state(info))]
         read = all(right)
@@ -59,12 +63,13 @@ def tally(task: Any, infos: list[dict], replies: list[str], rng: np.random.Gener
         counts["misread, disagree"] += (not read) and not agree
         if not agree:
             wrong[(task.state_key(info), words[parsed.action], read)] += 1
-        actions.append(parsed.action)
     return actions
 
 
 def run(task_name: str, policy_dir: str, episodes: int, seed: int, num_envs: int, temperature: float,
-        top: int) -> dict[str, Any]:
+        top: int, first_steps: int | None = None, max_new_tokens: int = 64) -> dict[str, Any]:
+    """The counts over ``episodes`` held-out episodes (only each one's first ``first_steps`` steps
+    where given: Blackjack's first step is always a two-card hand)."""
     import torch
 
     from vlmrl.evaluate import ModelPolicy
@@ -77,7 +82,8 @@ def run(task_name: str, policy_dir: str, episodes: int, seed: int, num_envs: int
     if not task.has_expert or not task.state_fields:
         raise UserError(f"agreement: task {task.name!r} needs an expert and CoT state fields")
     torch.set_num_threads(1)
-    policy = ModelPolicy.load(policy_dir, task, cot=True, temperature=temperature, seed=seed)
+    policy = ModelPolicy.load(policy_dir, task, cot=True, temperature=temperature, seed=seed,
+                              max_new_tokens=max_new_tokens)
     rng = np.random.default_rng(seed)
     counts: Counter = Counter()
     wrong: Counter = Counter()
@@ -86,9 +92,12 @@ def run(task_name: str, policy_dir: str, episodes: int, seed: int, num_envs: int
         envs = [task.make_env() for _ in range(min(num_envs, episodes - start))]
         state = [list(e.reset(seed=held_out_seed(seed, start + k))) + [0.0] for k, e in enumerate(envs)]
         live = list(range(len(envs)))
+        step = 0
         while live:
             replies = policy.act([state[k][0] for k in live], [state[k][1] for k in live])
-            actions = tally(task, [state[k][1] for k in live], replies, rng, counts, wrong)
+            counted = [first_steps is None or step < first_steps] * len(live)
+            actions = tally(task, [state[k][1] for k in live], replies, rng, counts, wrong, counted)
+            step += 1
             still = []
             for k, a in zip(live, actions):
                 obs, reward, terminated, truncated, info = envs[k].step(a)
@@ -103,7 +112,7 @@ def run(task_name: str, policy_dir: str, episodes: int, seed: int, num_envs: int
     n = counts["steps"]
     result = {
         "task": task.name, "policy": policy_dir, "episodes": episodes, "seed": seed, "temperature": temperature,
-        "success_rate": won / episodes, "steps": n,
+        "first_steps": first_steps, "success_rate": won / episodes, "steps": n,
         "rates": {k: counts[k] / n for k in ("read", *(f"read {f}" for f, _ in task.state_fields), "agree",
                                              "invalid", "read, disagree", "misread, disagree")},
         "disagreements": [{"state": str(s), "chose": w, "read right": r, "steps": c}
@@ -120,13 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--num-envs", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--first-steps", type=int, default=None,
+                   help="count only each episode's first N steps (Blackjack 1: the two-card hands)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--top", type=int, default=12, help="disagreeing states listed")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
-    if args.episodes < 1 or args.num_envs < 1:
-        p.error("--episodes and --num-envs must be >= 1")
-    r = run(args.task, args.policy, args.episodes, args.seed, args.num_envs, args.temperature, args.top)
-    print(f"{r['task']} {r['policy']}: {r['episodes']} episodes, {r['steps']} steps, success {100 * r['success_rate']:.1f}%")
+    if args.episodes < 1 or args.num_envs < 1 or (args.first_steps is not None and args.first_steps < 1):
+        p.error("--episodes, --num-envs and --first-steps must be >= 1")
+    r = run(args.task, args.policy, args.episodes, args.seed, args.num_envs, args.temperature, args.top,
+            args.first_steps, args.max_new_tokens)
+    which = f"the first {args.first_steps} of each episode's steps" if args.first_steps else "every step"
+    print(f"{r['task']} {r['policy']}: {r['episodes']} episodes, {r['steps']} steps counted ({which}), "
+          f"success {100 * r['success_rate']:.1f}%")
     for k, v in r["rates"].items():
         print(f"  {k:<18} {100 * v:5.1f}% of steps")
     print("  most frequent disagreements (state key, chosen word, read right): steps")

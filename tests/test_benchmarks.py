@@ -147,3 +147,31 @@ def test_learning_table_over_seeds_runs_one_process_per_seed(tiny_model, tmp_pat
     assert merged["table"] == summary["table"] == learning.main(["--merge", str(out)])["table"]
     with pytest.raises(UserError, match="appears twice: NumberLine CoT on seed 0"):
         learning.main(["--merge", str(out), str(out / "seed-0")])
+
+
+def test_agreement_tells_misreads_from_wrong_decisions(tiny_model, capsys, one_thread):
+    import numpy as np
+
+    from vlmrl.tasks import get_task
+
+    agreement = load_script("agreement")
+    task = get_task("Blackjack")
+    env = task.make_env()
+    _, info = env.reset(seed=3)
+    words = task.legal_actions(info)
+    best = task.expert_action(info)
+    right = task.response(info, best)
+    wrong_total = right.replace(f'"your total": "{info["player_sum"]}"', '"your total": "99"')
+    replies = [right, task.response(info, 1 - best), wrong_total.replace(f'"action": "{words[best]}"',
+                                                                         f'"action": "{words[1 - best]}"'), "no json"]
+    counts, wrong = agreement.Counter(), agreement.Counter()
+    actions = agreement.tally(task, [info] * 4, replies, np.random.default_rng(0), counts, wrong, [True, True, True, False])
+    assert actions[:3] == [best, 1 - best, 1 - best] and 0 <= actions[3] <= 1
+    assert (counts["steps"], counts["read"], counts["agree"]) == (3, 2, 1)
+    assert (counts["read, disagree"], counts["misread, disagree"], counts["read your total"]) == (1, 1, 2)
+    assert sum(wrong.values()) == 2 and {r for (_, _, r) in wrong} == {True, False}
+    # end to end on a policy folder: every figure is a rate over the counted steps
+    assert agreement.main(["Blackjack", str(tiny_model), "--episodes", "3", "--num-envs", "3",
+                           "--first-steps", "1", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "3 steps counted (the first 1 of each episode's steps)" in out and "misread, disagree" in out
