@@ -199,7 +199,7 @@ def run_vlmrl(spec: dict[str, Any], out: Path) -> dict[str, Any]:
                       seed=spec["seed"], cot=True, temperature=spec["temperature"], top_p=1.0,
                       max_new_tokens=spec["max_new_tokens"], out_dir=str(out / "run"), checkpoint_every=0,
                       keep_checkpoints=1, eval_every=0, tensorboard=False, log_samples=0, ppo=ppo,
-                      policy=PolicyConfig(finetune="full", train_vision=True))
+                      policy=PolicyConfig(finetune="full", train_vision=True, sampler=spec.get("sampler", "multinomial")))
     policy = VLMPolicy.load(spec["model"], cfg.policy_config(), value_head=False)
     gen = GenerateTimer(policy.model)
     parameters = sum(p.numel() for p in policy.parameters())
@@ -430,7 +430,8 @@ def report(name: str, parameters: int, spec: dict[str, Any], res: dict[str, dict
     title = (f"\n## {name}: {parameters / 1e6:.2f}M parameters; {spec['steps']} steps of {spec['prompts']} prompts x "
              f"{spec['group_size']} answers, max {spec['max_new_tokens']} new tokens at temperature "
              f"{spec['temperature']}, {spec['epochs']} epoch(s), minibatch {spec['minibatch_size']} x "
-             f"{spec['grad_accum_steps']} accumulated, lr {spec['lr']:g}, fp32")
+             f"{spec['grad_accum_steps']} accumulated, lr {spec['lr']:g}, fp32; vlmrl draws tokens with "
+             f"sampler={spec.get('sampler', 'multinomial')!r} (TRL: torch.multinomial in HF generate)")
     header = ("| side | train samples/s | samples per CPU-s | step s | generate tokens/s | tokens per CPU-s | "
               "generate s/step | update s/step | peak RSS MB | held-out success | threads |")
     lines = [title, header, "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -495,6 +496,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clip", type=float, default=0.2)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
+    parser.add_argument("--sampler", choices=("multinomial", "cdf"), default="multinomial",
+                        help="vlmrl's token draw (PolicyConfig.sampler); TRL's generate uses torch.multinomial")
     parser.add_argument("--sft-steps", type=int, default=100,
                         help="shared SFT steps (demo recipe) before both sides; 0: start from the random weights")
     parser.add_argument("--eval-episodes", type=int, default=100, help="held-out NumberLine episodes per side (0: none)")
@@ -532,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "temperature": args.temperature, "epochs": args.epochs, "minibatch_size": args.minibatch_size,
                     "grad_accum_steps": args.grad_accum_steps, "lr": args.lr, "clip": args.clip,
                     "max_grad_norm": args.max_grad_norm, "adam_eps": 1e-7, "threads": args.threads,
-                    "eval_episodes": args.eval_episodes, "seed": args.seed}
+                    "eval_episodes": args.eval_episodes, "seed": args.seed, "sampler": args.sampler}
             if name in MODELS or args.sft_steps > 0:  # build / SFT / evaluate the start in a process of its own
                 start = run_side("start", {**spec, "name": name, "tmp": tmp_name, "sft_steps": args.sft_steps}, tmp)
             else:  # a folder as it is: nothing to build, its held-out success not measured

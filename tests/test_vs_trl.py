@@ -41,10 +41,12 @@ def test_both_sides_run_the_same_work_and_report_every_figure(tiny_numberline, t
     out = tmp_path / "vs_trl.json"
     summary = vs_trl.main(["--model", tiny_numberline, "--steps", "2", "--prompts", "2", "--group-size", "4",
                            "--minibatch-size", "4", "--grad-accum-steps", "2", "--max-new-tokens", "6",
-                           "--sft-steps", "0", "--eval-episodes", "2", "--threads", "1", "--repeats", "1", "--json", str(out)])
+                           "--sft-steps", "0", "--eval-episodes", "2", "--threads", "1", "--repeats", "1", "--json", str(out),
+                           "--sampler", "cdf"])
     printed = capsys.readouterr().out
     for text in ("machine:", "| vlmrl |", "| trl |", "check, tokens generated per step", "check, loss",
-                 "loss_type='luspo'", "vlmrl / TRL end-to-end", "samples per CPU-second", "load average", "trl 1.16.0"):
+                 "loss_type='luspo'", "vlmrl / TRL end-to-end", "samples per CPU-second", "load average", "trl 1.16.0",
+                 "sampler='cdf'"):
         assert text in printed, text
     (result,) = summary["models"].values()
     assert json.loads(out.read_text())["models"].keys() == summary["models"].keys()

@@ -29,6 +29,7 @@ POLICY_DTYPES = ("fp32", "bf16")
 # ppo.advantage: PPO's GAE, or a group estimator of vlmrl.algorithms.group (no value function)
 ADVANTAGES = ("gae", "grpo", "rloo", "gigpo")
 FINETUNE_MODES = ("lora", "full", "none")
+SAMPLERS = ("multinomial", "cdf")
 
 
 @dataclass
@@ -62,6 +63,11 @@ class PolicyConfig:
     max_new_tokens: int = 256
     # after `"action": "` only this step's legal words (then `"}` and the stop token) may be sampled
     constrained_actions: bool = False
+    # how a token is drawn: "multinomial" (torch.multinomial, as HF generate does; every recorded
+    # figure in the README) or "cdf" (one uniform per row through the cumulative distribution: the same
+    # distribution, other draws, ~70x cheaper on a CPU: torch.multinomial draws one exponential per
+    # vocabulary entry, 3.6 ms a step at batch 32 and vocabulary 1,024)
+    sampler: str = "multinomial"
     # seeds the value head and LoRA initialisation
     seed: int = 0
     # "cpu", "cuda", ...; None: cuda when available
@@ -70,6 +76,8 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if self.dtype not in POLICY_DTYPES:
             raise UserError(f"dtype {self.dtype!r} is not supported: use one of {', '.join(POLICY_DTYPES)}")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"sampler {self.sampler!r} is not supported: use one of {', '.join(SAMPLERS)}")
         if self.finetune not in FINETUNE_MODES:
             raise UserError(f"finetune {self.finetune!r} is not supported: use one of {', '.join(FINETUNE_MODES)}")
         if self.lora_rank < 1 or self.value_hidden_size < 1 or self.max_new_tokens < 1:

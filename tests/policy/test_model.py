@@ -62,6 +62,31 @@ def test_evaluate_recomputes_the_sampled_logprobs(tiny, arch, finetune):
     assert ((ev.entropy > 0) & (ev.entropy <= np.log(policy.hf_model.config.get_text_config().vocab_size) + 1e-4)).all()
 
 
+def test_inverse_cdf_sampling_draws_the_same_distribution():
+    from vlmrl.policy.model import inverse_cdf_sample
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]]).repeat(20_000, 1)
+    tokens = inverse_cdf_sample(probs, torch.Generator().manual_seed(0)).view(20_000, 2)
+    freq = torch.bincount(tokens[:, 0], minlength=5).double() / 20_000
+    assert (freq - torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0], dtype=torch.float64)).abs().max() < 0.015  # ~4 sigma
+    assert freq[1] == 0 and freq[4] == 0 and (tokens[:, 1] == 3).all()  # no mass: never drawn
+    # a draw that rounds up to the row's total still lands on the last id with mass
+    assert inverse_cdf_sample(torch.tensor([[0.0, 1.0, 0.0]]), torch.Generator().manual_seed(1)).tolist() == [1]
+
+
+def test_the_cdf_sampler_is_seeded_and_scored_like_multinomial(tiny):
+    policy = load(tiny("qwen2_vl"), finetune="none", sampler="cdf")
+    ims = images(3)
+    gen = policy.generate(ims, PROMPTS, temperature=0.8, max_new_tokens=16, seed=3)
+    again = policy.generate(ims, PROMPTS, temperature=0.8, max_new_tokens=16, seed=3)
+    assert gen.texts == again.texts and torch.equal(gen.logprobs, again.logprobs)
+    with torch.no_grad():
+        ev = policy.score(ims, PROMPTS, gen.response_ids, gen.lengths, temperature=0.8)
+    assert (ev.token_logprobs[:, : gen.logprobs.shape[1]] - gen.logprobs).abs().max().item() < 1e-4
+    with pytest.raises(UserError, match="sampler 'gumbel' is not supported"):
+        PolicyConfig(sampler="gumbel")
+
+
 def test_a_reading_weight_reweighs_only_the_state_fields(tiny):
     # the same responses scored with the reading at weight 0 lose exactly their state fields' terms,
     # and the rollout's action log-prob (from the sampled log-probs) agrees with the scored one

@@ -140,8 +140,10 @@ class _Sampler(LogitsProcessor):
         generator: torch.Generator | None,
         banned: Sequence[int],
         constraint: ConstrainedBatch | None = None,
+        draw: str = "multinomial",
     ):
         self.temperature, self.top_p, self.generator, self.banned = temperature, top_p, generator, banned
+        self.draw = draw  # PolicyConfig.sampler
         self.constraint = constraint  # None: free sampling, exactly the unconstrained path
         self.logprobs: list[torch.Tensor] = []
         self.sample_logprobs: list[torch.Tensor] = []
@@ -165,13 +167,31 @@ class _Sampler(LogitsProcessor):
             nucleus = _top_p_logprobs(logp, self.top_p) if self.top_p < 1.0 else logp
             probs = nucleus.exp()
             device = self.generator.device if self.generator is not None else probs.device
-            token = torch.multinomial(probs.to(device), 1, generator=self.generator).squeeze(-1).to(probs.device)
+            if self.draw == "cdf":
+                token = inverse_cdf_sample(probs.to(device), self.generator).to(probs.device)
+            else:
+                token = torch.multinomial(probs.to(device), 1, generator=self.generator).squeeze(-1).to(probs.device)
         self.logprobs.append(logp.gather(-1, token[:, None]).squeeze(-1))
         self.sample_logprobs.append(nucleus.gather(-1, token[:, None]).squeeze(-1))
         if self.constraint is not None:
             self.constraint.push(token.tolist())
         forced = torch.full_like(scores, float("-inf"))
         return forced.scatter(-1, token[:, None], 0.0)
+
+
+def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row drawn by inverse transform: the first id whose cumulative mass (float64)
+    exceeds a uniform draw times the row's total. probs [B, V] >= 0, each row with some mass -> [B].
+
+    The same distribution as ``torch.multinomial(probs, 1)`` from B uniforms instead of B x V
+    exponentials; a zero-probability id is never drawn (its cumulative mass equals its predecessor's).
+    """
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64, device=probs.device)
+    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    # u * total may round up to the total itself: take the row's last id with mass, not one past the end
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)
+    return torch.minimum(token, last)
 
 
 def _top_p_logprobs(logp: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -425,7 +445,7 @@ class VLMPolicy(nn.Module):
         words = self._constrained(legal_actions, constrained, len(prompts))
         batch = None if words is None else ConstrainedBatch(self.action_constraints, words, self.stop_token_ids)
         enc = self.encode(images, prompts)
-        sampler = _Sampler(temperature, top_p, generator, self.banned_token_ids, batch)
+        sampler = _Sampler(temperature, top_p, generator, self.banned_token_ids, batch, cfg.sampler)
         gen_config = GenerationConfig(
             do_sample=False,
             num_beams=1,
