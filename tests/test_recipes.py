@@ -23,7 +23,7 @@ OVERRIDES = {
     "Points24": {"sft": dict(episodes=1500, steps=4500, random_action_fraction=0.0),
                  "train": dict(total_updates=20, max_new_tokens=64), "ppo": dict(lr=3e-5, end_lr=3e-6)},
     "Blackjack": {"sft": dict(episodes=1500, steps=2000), "train": dict(num_envs=64, total_updates=120),
-                  "ppo": dict(lr=5e-5)},
+                  "ppo": dict(lr=5e-5, reading_weight=0.0)},
 }
 
 
