@@ -83,7 +83,7 @@ def reading_end(text: str) -> int | None:
     before the last ``"action":`` key (``Task.response`` writes the state fields, then the thoughts,
     then the action). None when there is no such key: the answer then has no reading."""
     action = action_key_start(text)
-    m = _THOUGHTS_KEY.search(text, 0)
+    m = _THOUGHTS_KEY.search(text)
     if m is None or (action is not None and m.start() > action):
         return None
     return m.start()

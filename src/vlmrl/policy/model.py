@@ -489,22 +489,24 @@ class VLMPolicy(nn.Module):
         state fields where set, 1 on the action part, 0 past the end) and the boundaries [B], from the
         decoded text's character offsets."""
         lam = self.config.thought_weight if thought_weight is None else thought_weight
+        # the reading's boundary only where it gets a weight of its own: the paper's path decodes no more
+        reading = self.config.reading_weight if self.config.reading_weight != lam else None
         bounds, reads = [], []
         for ids in response_ids:
             key = tuple(int(i) for i in ids)  # PPO epochs score the same responses again
             found = self.boundary_cache.get(key)
-            if found is None:
+            if found is None or (reading is not None and found[1] is None):
                 text = self.tokenizer.decode(key, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                 # O(log T) decodes each, the same as the slow path
-                found = (lp.boundary_from_ids(self.tokenizer, key, text), lp.reading_from_ids(self.tokenizer, key, text))
+                bound = found[0] if found is not None else lp.boundary_from_ids(self.tokenizer, key, text)
+                found = (bound, lp.reading_from_ids(self.tokenizer, key, text) if reading is not None else None)
                 self.boundary_cache.put(key, found, len(key))
             bounds.append(found[0])
             reads.append(found[1])
         boundaries = torch.tensor(bounds, dtype=torch.long)
         lengths = torch.tensor([len(ids) for ids in response_ids], dtype=torch.long)
-        weights = lp.cot_weights(boundaries, lengths, width, lam, torch.tensor(reads, dtype=torch.long),
-                                 self.config.reading_weight)
-        return weights, boundaries
+        readings = torch.tensor(reads, dtype=torch.long) if reading is not None else None
+        return lp.cot_weights(boundaries, lengths, width, lam, readings, reading), boundaries
 
     def action_logprob(
         self, response_ids: Sequence[Sequence[int]], token_logprobs: torch.Tensor, thought_weight: float | None = None
