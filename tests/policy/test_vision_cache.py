@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from vlmrl.policy.input_cache import image_key
 from vlmrl.policy.model import PolicyConfig, VLMPolicy
 from vlmrl.tasks import get_task
 
@@ -101,3 +102,39 @@ def test_loading_weights_into_the_tower_empties_it(tiny_by_arch):
 def test_other_architectures_are_left_alone(tiny_by_arch):
     policy = VLMPolicy.load(tiny_by_arch("llava"), PolicyConfig(train_vision=False))
     assert policy.vision_cache is None
+
+
+def test_a_training_tower_encodes_each_distinct_image_once(tiny_by_arch):
+    """A group's rows share one image: the tower runs on the distinct images, with the same scores and
+    the same gradients as the tower run on every row."""
+    path = tiny_by_arch("qwen2_vl")
+    distinct, prompts = _batch(3, seed=5)
+    rows = [0, 0, 1, 1, 1, 2, 0, 2]  # eight rows of at most three images (groups of a rollout)
+    images = [distinct[i] for i in rows]
+    n = len({image_key(im) for im in distinct})
+    assert n >= 2
+    prompts = [prompts[i] for i in rows]
+    responses = [[1, 2, 3]] * len(rows)
+    out = {}
+    for shared in (True, False):
+        policy = VLMPolicy.load(path, PolicyConfig(train_vision=True))
+        cache, base = policy.vision_cache, policy.hf_model.model
+        seen: list[int] = []
+
+        def counted(pixel_values, image_grid_thw, original=cache.original, **kwargs):
+            seen.append(len(image_grid_thw))
+            return original(pixel_values, image_grid_thw, **kwargs)
+
+        cache.original = counted
+        if not shared:
+            base.get_image_features = counted  # no cache in front: the tower on every row
+        policy.train()
+        scores = policy.score(images, prompts, responses)
+        scores.action_logprob.sum().backward()
+        grads = [p.grad.clone() for p in base.visual.parameters() if p.grad is not None]
+        out[shared] = (scores.action_logprob.detach(), grads, seen)
+    assert out[True][2] == [n] and out[False][2] == [8]
+    assert len(out[True][1]) == len(out[False][1]) > 0
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-6, rtol=0)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(out[True][1], out[False][1]))
+    assert any(g.abs().sum() > 0 for g in out[True][1])

@@ -19,10 +19,12 @@ its exact resume; it can differ in the last bits from a run without the cache on
 once encoded a single image (the demo's PPO losses, from the 3rd update, by about 1e-7; its printed
 table is the same).
 
-It steps aside (calls the original) whenever the features could differ or be needed with gradients:
-a vision parameter that trains (``train_vision=True``, LoRA on the tower), LoRA layers inside the tower
-(``reference()`` switches adapters off), dropout active in training mode, or extra keyword arguments
-(attentions, hidden states). Loading a state dict into the tower empties it.
+It stores nothing whenever the features could differ or be needed with gradients: a vision parameter
+that trains (``train_vision=True``, LoRA on the tower), LoRA layers inside the tower (``reference()``
+switches adapters off), dropout active in training mode, or extra keyword arguments (attentions, hidden
+states). A training tower still encodes each distinct image of a call once, with gradients (a group
+rollout's G rows share their image); the original runs as it is with dropout active or extra keywords.
+Loading a state dict into the tower empties it.
 """
 
 from __future__ import annotations
@@ -71,8 +73,10 @@ class VisionCache:
         return not any(p.requires_grad for p in self.visual.parameters())
 
     def __call__(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        if image_grid_thw is None or not self.usable(kwargs):
+        if image_grid_thw is None:
             return self.original(pixel_values, image_grid_thw, **kwargs)
+        if not self.usable(kwargs):
+            return self._shared(pixel_values, image_grid_thw, kwargs)
         patches = image_grid_thw.prod(-1).tolist()
         if sum(patches) != pixel_values.shape[0]:
             return self.original(pixel_values, image_grid_thw, **kwargs)
@@ -110,6 +114,33 @@ class VisionCache:
         if out is not None:  # hidden states of the tower for part of the batch would mislead
             result.last_hidden_state = None
         return result
+
+
+    def _shared(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+        """A training tower, uncached: each distinct image of the call is encoded once, with gradients, and
+        its features stand for every row that shows it. A group rollout's G rows share one image, so the
+        tower's forward and backward shrink G-fold. Only through ``VLMPolicy`` (keys given), without extra
+        outputs and without active dropout (duplicates would draw different masks)."""
+        keys = self._given
+        patches = image_grid_thw.prod(-1).tolist()
+        if (keys is None or len(keys) != len(patches) or sum(patches) != pixel_values.shape[0]
+                or set(kwargs) - {"return_dict"} or kwargs.get("return_dict", True) is not True
+                or any(m.training for m in self._dropout)):
+            return self.original(pixel_values, image_grid_thw, **kwargs)
+        grids = [tuple(g) for g in image_grid_thw.tolist()]
+        first: dict[Hashable, int] = {}
+        for i, key in enumerate(zip(keys, grids)):
+            first.setdefault(key, i)
+        if len(first) == len(keys):
+            return self.original(pixel_values, image_grid_thw, **kwargs)
+        idx = list(first.values())
+        rows = torch.split(pixel_values, patches)
+        run = idx * 2 if len(idx) == 1 else idx  # as in __call__: never the tower on one lone image
+        out = self.original(torch.cat([rows[i] for i in run]), image_grid_thw[run], **kwargs)
+        feats = dict(zip(first, out.pooler_output))
+        out.pooler_output = tuple(feats[key] for key in zip(keys, grids))
+        out.last_hidden_state = None  # the tower's hidden states cover the distinct images only
+        return out
 
 
 def _empty_output() -> Any:
