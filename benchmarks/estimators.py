@@ -14,10 +14,13 @@ the estimator) with the recipe's [train] settings and K, and is evaluated on the
 - ``grpo``, ``rloo``, ``gigpo``: no value head (value_lr null), ``--group-size`` G episodes a group from
   one start, num_envs rounded down to a multiple of G. GiGPO needs the task's state key.
 
-Equal budgets: every arm gets ``N // (num_envs * num_steps)`` updates for an env-step budget N (default:
-the recipe's num_envs * num_steps * total_updates, rounded down to whole PPO updates). A PPO update takes
-exactly num_envs * num_steps env steps; a group update plays one episode per env cut at num_steps, so
-it takes at most that (Blackjack's 1-2 step hands: far fewer). The table reports the env steps each arm
+Equal budgets: for an env-step budget N (default: the recipe's num_envs * num_steps * total_updates,
+rounded down to whole PPO updates) the PPO arm gets ``N // (num_envs * num_steps)`` updates, each of
+exactly num_envs * num_steps env steps. A group update plays one episode per env cut at num_steps, so it
+takes at most that (Blackjack's 1-2 step hands: far fewer). With ``--group-updates matched`` (the
+default) a group arm gets ``N // (num_envs * min(num_steps, L))`` updates, L the SFT start's mean
+held-out episode length, so that its env steps come out near N; ``recipe`` gives it PPO's number of
+updates (at most PPO's env steps: on Blackjack about a third). The table reports the env steps each arm
 really took (the last ``charts/env_steps`` of its metrics.jsonl) beside the budget.
 
 ``--budget`` F multiplies the SFT steps, demonstration episodes and the env-step budget (1 = the recipe);
@@ -98,8 +101,15 @@ def env_budget(train: dict[str, Any], env_steps: int | None, budget: float) -> i
     return per_update * max(1, int(wanted * budget) // per_update)
 
 
-def arm(rec: dict[str, Any], estimator: str, steps: int, group_size: int) -> tuple[dict[str, Any], Any]:
-    """(``[train]`` settings, PPOConfig) of one estimator under an env-step budget of ``steps``."""
+def arm(rec: dict[str, Any], estimator: str, steps: int, group_size: int,
+        episode_length: float | None = None) -> tuple[dict[str, Any], Any]:
+    """(``[train]`` settings, PPOConfig) of one estimator under an env-step budget of ``steps``.
+
+    A group update plays one episode per env, cut at num_steps: it takes num_envs x num_steps env
+    steps at most, and num_envs x min(num_steps, L) for episodes of mean length L. With
+    ``episode_length`` L (the SFT start's, ``--group-updates matched``) a group arm gets as many
+    updates as that expected size allows; without it, as many as the PPO arm (at most its env steps).
+    """
     train, ppo = dict(rec["train"]), rec["ppo"]
     advantage = ESTIMATORS[estimator][0]
     if advantage != "gae":
@@ -111,6 +121,9 @@ def arm(rec: dict[str, Any], estimator: str, steps: int, group_size: int) -> tup
         raise UserError(f"--group-size {group_size}: one {estimator} update of {train['num_envs']} envs x "
                         f"{train['num_steps']} steps exceeds the budget of {steps} env steps: raise --env-steps")
     train["total_updates"] = steps // per_update
+    if advantage != "gae" and episode_length is not None:
+        expected = train["num_envs"] * min(train["num_steps"], max(1.0, episode_length))
+        train["total_updates"] = max(1, int(steps // expected))
     return train, ppo
 
 
@@ -186,7 +199,8 @@ def run_cell(task_name: str, memory: int, rec: dict[str, Any], args: argparse.Na
     save()
     for estimator in args.estimators:
         t0 = time.perf_counter()
-        train_kw, ppo = arm(rec, estimator, steps, args.group_size)
+        length = cell["before"]["mean_episode_length"] if args.group_updates == "matched" else None
+        train_kw, ppo = arm(rec, estimator, steps, args.group_size, length)
         cfg = TrainConfig(task=task.name, model=str(sft_dir), out_dir=str(out / estimator), seed=seed, cot=True,
                           history_length=memory, ppo=ppo, policy=rec["policy"], **train_kw)
         final = train(cfg, progress=progress)
@@ -308,8 +322,8 @@ def run_seeds(args: argparse.Namespace, out: Path, header: dict[str, Any]) -> di
     """Every seed as its own process of this script (``metrics.run_seed_processes``: ``--seed S --out
     <out>/seed-S``, one torch thread, at most ``args.jobs`` at a time); then the tables over the seeds."""
     common = ["--tasks", *args.tasks, "--memory", *map(str, args.memory), "--estimators", *args.estimators,
-              "--group-size", str(args.group_size), "--budget", str(args.budget), "--model", args.model,
-              "--threads", "1", "--quiet"]
+              "--group-size", str(args.group_size), "--group-updates", args.group_updates, "--budget",
+              str(args.budget), "--model", args.model, "--threads", "1", "--quiet"]
     common += ["--episodes", str(args.episodes)] if args.episodes else []
     common += ["--env-steps", str(args.env_steps)] if args.env_steps else []
     common += ["--set", *args.set] if args.set else []
@@ -335,6 +349,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--group-size", type=int, default=4, help="G, episodes a group (group estimators)")
     parser.add_argument("--env-steps", type=int, default=None,
                         help="env-step budget of every arm (default: the recipe's envs x steps x updates)")
+    parser.add_argument("--group-updates", choices=("matched", "recipe"), default="matched",
+                        help="updates of a group arm: matched (default): the env-step budget over num_envs x "
+                             "the SFT start's mean held-out episode length (at most num_steps), so its env steps "
+                             "match PPO's; recipe: as many updates as PPO (at most PPO's env steps)")
     parser.add_argument("--budget", type=float, default=1.0,
                         help="multiplies SFT steps, demonstration episodes and the env-step budget (1: the recipe)")
     parser.add_argument("--episodes", type=int, default=None,
@@ -370,11 +388,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            else f"{threads} thread(s)")
     header = {"machine": metrics.machine_line(f"torch {torch.__version__} with {how}"),
               "command": f"python {SCRIPT} {shlex.join(given)}".rstrip(), "budget": args.budget,
-              "group_size": args.group_size, "estimators": args.estimators}
+              "group_size": args.group_size, "group_updates": args.group_updates, "estimators": args.estimators}
     for task, rec in recipes.items():
         steps = env_budget(rec["train"], args.env_steps, args.budget)
         plans = ", ".join(f"{e} {t['total_updates']} x {t['num_envs']} envs x {t['num_steps']} steps"
+                          + (" at most" if e != "ppo" else "")
                           for e in args.estimators for t in [arm(rec, e, steps, args.group_size)[0]])
+        if args.group_updates == "matched" and any(e != "ppo" for e in args.estimators):
+            plans += "; group arms: updates from the SFT start's mean episode length, to match the budget"
         print(f"[estimators] {task}: budget {steps} env steps a run ({plans})", flush=True)
     if args.seed is None:
         return run_seeds(args, out, header)

@@ -67,17 +67,33 @@ def test_estimators_share_one_sft_per_memory_and_report_their_env_steps(tiny_mod
             assert run["ppo"]["advantage"] == advantage and run["num_envs"] % run["ppo"]["group_size"] == 0
             assert cell["arms"][estimator]["after"]["episodes"] == 4
         assert run["ppo"]["value_lr"] is None and run["ppo"]["group_size"] == 4  # the GRPO run
+        # GRPO (--group-updates matched): 24 env steps over 4 envs x min(2 steps, the SFT start's mean length)
+        length = cell["before"]["mean_episode_length"]
         assert [(cell["arms"][e]["num_envs"], cell["arms"][e]["total_updates"]) for e in ("ppo", "grpo")] == \
-            [(6, 2), (4, 3)]  # GRPO: 3 updates of 4 envs x 2 steps, at most the 24 env steps
-        # PPO uses exactly its budget, the group estimator at most (its episodes end early)
+            [(6, 2), (4, int(24 // (4 * min(2, max(1.0, length)))))]
+        # PPO uses exactly its budget, the group estimator about as much (its episodes end early)
         assert cell["arms"]["ppo"]["env_steps"] == budget
-        assert 0 < cell["arms"]["grpo"]["env_steps"] <= budget
+        assert 0 < cell["arms"]["grpo"]["env_steps"] <= 2 * budget
     assert "NumberLine K=1 seed 0 grpo" in (out / "seed-0.log").read_text()
     assert json.loads((out / "estimators.json").read_text())["table"] == summary["table"]
     # the seed folder merged again gives the same table; a run given twice is refused
     assert bench.main(["--merge", str(seed_dir)])["table"] == summary["table"]
     with pytest.raises(UserError, match="appears twice: NumberLine K=0 seed 0"):
         bench.main(["--merge", str(out), str(seed_dir)])
+
+
+def test_group_arms_are_matched_to_the_env_step_budget():
+    """A group update takes num_envs x min(num_steps, L) env steps for episodes of mean length L: matched
+    arms get the budget over that; unmatched ones PPO's number of updates."""
+    bench = load_script()
+    rec = bench.recipe("Blackjack")  # 64 envs x 4 steps, 120 updates: 30,720 env steps
+    steps = bench.env_budget(rec["train"], None, 1.0)
+    assert steps == 30720
+    assert bench.arm(rec, "ppo", steps, 4, 1.5)[0]["total_updates"] == 120  # PPO's steps are fixed
+    assert bench.arm(rec, "gigpo", steps, 4)[0]["total_updates"] == 120
+    assert bench.arm(rec, "gigpo", steps, 4, 1.5)[0]["total_updates"] == 320  # 30720 // (64 x 1.5)
+    assert bench.arm(rec, "grpo", steps, 4, 9.0)[0]["total_updates"] == 120  # cut at num_steps = 4
+    assert bench.arm(rec, "grpo", steps, 4, 0.5)[0]["total_updates"] == 480  # at least one step an episode
 
 
 def test_estimators_refuse_bad_input(tmp_path, monkeypatch):
