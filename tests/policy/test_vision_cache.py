@@ -121,7 +121,7 @@ def test_a_training_tower_encodes_each_distinct_image_once(tiny_by_arch):
         cache, base = policy.vision_cache, policy.hf_model.model
         seen: list[int] = []
 
-        def counted(pixel_values, image_grid_thw, original=cache.original, **kwargs):
+        def counted(pixel_values, image_grid_thw, original=cache.original, seen=seen, **kwargs):
             seen.append(len(image_grid_thw))
             return original(pixel_values, image_grid_thw, **kwargs)
 
