@@ -62,28 +62,38 @@ class VisionCache:
         finally:
             self._given = saved
 
-    def usable(self, kwargs: dict[str, Any]) -> bool:
-        """Whether cached features are exactly what the tower would compute now, without gradients."""
-        if self.features.max_entries < 1 or self._lora:
-            return False
+    def _plain(self, kwargs: dict[str, Any]) -> bool:
+        """No extra outputs asked for and no dropout active: an image's features depend on its pixels only."""
         if set(kwargs) - {"return_dict"} or kwargs.get("return_dict", True) is not True:
             return False
-        if any(m.training for m in self._dropout):
+        return not any(m.training for m in self._dropout)
+
+    def usable(self, kwargs: dict[str, Any]) -> bool:
+        """Whether cached features are exactly what the tower would compute now, without gradients."""
+        if self.features.max_entries < 1 or self._lora or not self._plain(kwargs):
             return False
         return not any(p.requires_grad for p in self.visual.parameters())
+
+    def _encode(self, rows: Sequence[torch.Tensor], image_grid_thw: torch.Tensor, idx: list[int],
+                kwargs: dict[str, Any]) -> Any:
+        """The original on the images ``idx`` of the call. A lone image goes beside a copy of itself: at
+        batch 1 the CPU kernels round differently (1e-5 seen), at any larger batch an image's features
+        are the same bits."""
+        run = idx * 2 if len(idx) == 1 else idx
+        return self.original(torch.cat([rows[i] for i in run]), image_grid_thw[run], **kwargs)
 
     def __call__(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any) -> Any:
         if image_grid_thw is None:
             return self.original(pixel_values, image_grid_thw, **kwargs)
-        if not self.usable(kwargs):
-            return self._shared(pixel_values, image_grid_thw, kwargs)
         patches = image_grid_thw.prod(-1).tolist()
         if sum(patches) != pixel_values.shape[0]:
             return self.original(pixel_values, image_grid_thw, **kwargs)
-        param = next(self.visual.parameters())
-        where = (str(param.device), str(param.dtype))
         rows = torch.split(pixel_values, patches)
         grids = [tuple(g) for g in image_grid_thw.tolist()]
+        if not self.usable(kwargs):
+            return self._shared(pixel_values, image_grid_thw, rows, grids, kwargs)
+        param = next(self.visual.parameters())
+        where = (str(param.device), str(param.dtype))
         if self._given is not None and len(self._given) == len(rows):
             keys = [("image", k, g, where) for k, g in zip(self._given, grids)]
         else:
@@ -101,10 +111,7 @@ class VisionCache:
         out = None
         if first:
             idx = list(first.values())
-            # a lone image goes beside a copy of itself: at batch 1 the CPU kernels round differently
-            # (1e-5 seen), at any larger batch an image's features are the same bits
-            run = idx * 2 if len(idx) == 1 else idx
-            out = self.original(torch.cat([rows[i] for i in run]), image_grid_thw[run], **kwargs)
+            out = self._encode(rows, image_grid_thw, idx, kwargs)
             for i, feats in zip(idx, out.pooler_output):
                 feats = feats.detach()
                 found[keys[i]] = feats
@@ -116,27 +123,21 @@ class VisionCache:
         return result
 
 
-    def _shared(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, kwargs: dict[str, Any]) -> Any:
-        """A training tower, uncached: each distinct image of the call is encoded once, with gradients, and
-        its features stand for every row that shows it. A group rollout's G rows share one image, so the
-        tower's forward and backward shrink G-fold. Only through ``VLMPolicy`` (keys given), without extra
-        outputs and without active dropout (duplicates would draw different masks)."""
+    def _shared(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, rows: Sequence[torch.Tensor],
+                grids: list[tuple[int, ...]], kwargs: dict[str, Any]) -> Any:
+        """Nothing cached (e.g. a training tower): each distinct image of the call is encoded once, with
+        gradients, and its features stand for every row that shows it. A group rollout's G rows share one
+        image, so the tower's forward and backward shrink G-fold. Only through ``VLMPolicy`` (keys given)
+        and for a ``_plain`` call (duplicates would draw different dropout masks)."""
         keys = self._given
-        patches = image_grid_thw.prod(-1).tolist()
-        if (keys is None or len(keys) != len(patches) or sum(patches) != pixel_values.shape[0]
-                or set(kwargs) - {"return_dict"} or kwargs.get("return_dict", True) is not True
-                or any(m.training for m in self._dropout)):
+        if keys is None or len(keys) != len(rows) or not self._plain(kwargs):
             return self.original(pixel_values, image_grid_thw, **kwargs)
-        grids = [tuple(g) for g in image_grid_thw.tolist()]
         first: dict[Hashable, int] = {}
         for i, key in enumerate(zip(keys, grids)):
             first.setdefault(key, i)
         if len(first) == len(keys):
             return self.original(pixel_values, image_grid_thw, **kwargs)
-        idx = list(first.values())
-        rows = torch.split(pixel_values, patches)
-        run = idx * 2 if len(idx) == 1 else idx  # as in __call__: never the tower on one lone image
-        out = self.original(torch.cat([rows[i] for i in run]), image_grid_thw[run], **kwargs)
+        out = self._encode(rows, image_grid_thw, list(first.values()), kwargs)
         feats = dict(zip(first, out.pooler_output))
         out.pooler_output = tuple(feats[key] for key in zip(keys, grids))
         out.last_hidden_state = None  # the tower's hidden states cover the distinct images only
