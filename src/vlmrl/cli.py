@@ -36,7 +36,7 @@ ALIASES = {
 }
 # what a resumed training run may change: where it writes, how far it goes, and how many processes
 # step its envs (the transitions are the same either way)
-RESUMABLE = ("out_dir", "total_updates", "env_workers")
+RESUMABLE = ("out_dir", "total_updates", "env_workers", "env_timeout_s")
 
 
 def _positive_int(text: str) -> int:
@@ -77,6 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     episodes = cfg.episodes if cfg.episodes or once else 100
     policy = make_policy(cfg.policy, task, cfg)
     result = evaluate(task, policy, episodes, seed=cfg.seed, num_envs=cfg.num_envs, env_workers=cfg.env_workers,
+                      env_timeout_s=cfg.env_timeout_s,
                       env_kwargs=cfg.env_kwargs, progress=not args.quiet, each_game_once=once,
                       history_length=cfg.history_length)
     print(result.table())

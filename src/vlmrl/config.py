@@ -184,6 +184,9 @@ class TrainConfig:
     # Processes that step the envs (each its share, all at the same time, through Gymnasium's
     # AsyncVectorEnv) for slow envs like ALFWorld; 0: in this process, one after another. Same results.
     env_workers: int = 0
+    # Seconds an env worker may take over one call (reset, step, ...) before the run stops with one
+    # line naming it (an env that hangs); None: 600. Only with env_workers >= 1.
+    env_timeout_s: float | None = None
     # Steps per environment per update; num_envs * num_steps transitions per update (paper: 1 x 512).
     num_steps: int = 128
     # PPO updates in the run (paper NumberLine: 15000 env steps / 512 = 29).
@@ -340,6 +343,8 @@ class EvalConfig:
     num_envs: int = 16
     # Processes that step the envs (see TrainConfig.env_workers); 0: in this process. Same results.
     env_workers: int = 0
+    # Seconds an env worker may take over one call (see TrainConfig.env_timeout_s); None: 600.
+    env_timeout_s: float | None = None
     # Sampling temperature of model policies (paper: 0.2).
     temperature: float = 0.2
     # Longest response sampled from a model policy; None: the policy's own (256).
@@ -416,6 +421,7 @@ _CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
         ("seed", lambda v: v >= 0, ">= 0"),
         ("num_envs", lambda v: v >= 1, ">= 1"),
         ("env_workers", lambda v: v >= 0, ">= 0 (0: the envs in this process)"),
+        ("env_timeout_s", lambda v: v > 0, "> 0 seconds (null: 600)"),
         ("temperature", lambda v: v >= 0, ">= 0 (0: greedy)"),
         ("max_new_tokens", lambda v: v >= 1, ">= 1"),
     ],
@@ -424,6 +430,7 @@ _CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
         ("task", lambda v: bool(v.strip()), "a task name"),
         ("num_envs", lambda v: v >= 1, ">= 1"),
         ("env_workers", lambda v: v >= 0, ">= 0 (0: the envs in this process)"),
+        ("env_timeout_s", lambda v: v > 0, "> 0 seconds (null: 600)"),
         ("num_steps", lambda v: v >= 1, ">= 1"),
         ("total_updates", lambda v: v >= 1, ">= 1"),
         ("seed", lambda v: v >= 0, ">= 0"),
@@ -467,6 +474,10 @@ def _cross_checks(cfg: Any, prefix: str) -> list[str]:
                 cfg.episodes + cfg.dagger_rounds * cfg.dagger_episodes >= DEMO_STRIDE:
             problems.append(f"{prefix}episodes + {prefix}dagger_rounds * {prefix}dagger_episodes must be < "
                             f"{DEMO_STRIDE:,}, or the policy's episodes would reuse another seed's")
+    if isinstance(cfg, (TrainConfig, EvalConfig)) and cfg.env_timeout_s is not None and cfg.env_workers == 0:
+        problems.append(f"{prefix}env_timeout_s ({cfg.env_timeout_s}) applies to env worker processes and would be "
+                        f"ignored with {prefix}env_workers 0: set {prefix}env_workers >= 1, or leave "
+                        f"{prefix}env_timeout_s null")
     if isinstance(cfg, TrainConfig):
         batch = cfg.num_envs * cfg.num_steps
         if cfg.ppo.minibatch_size > batch:

@@ -183,6 +183,7 @@ def evaluate(
     each_game_once: bool = False,
     history_length: int = 0,
     env_workers: int = 0,
+    env_timeout_s: float | None = None,
 ) -> EvalResult:
     """Play ``episodes`` held-out episodes, ``num_envs`` at a time (one batched ``act`` per step).
 
@@ -193,11 +194,13 @@ def evaluate(
     whole split exactly once, as a benchmark evaluation should (and N its first N games).
     ``history_length`` K: the prompt carries the episode's last K steps (``tasks.base.Memory``),
     as the policy was trained with. ``env_workers`` W >= 1: the envs step in W worker processes
-    (``vlmrl.rollout.pool``), with the same result.
+    (``vlmrl.rollout.pool``), with the same result, each answering a call within ``env_timeout_s``
+    seconds (None: 600).
     """
     if (episodes is None and not each_game_once) or (episodes is not None and episodes <= 0):
         raise ValueError("episodes must be positive (None only with each_game_once: every game)")
-    envs = make_env_pool(task, num_envs if episodes is None else min(num_envs, episodes), env_kwargs, env_workers)
+    envs = make_env_pool(task, num_envs if episodes is None else min(num_envs, episodes), env_kwargs, env_workers,
+                         env_timeout_s)
     if each_game_once:
         games = envs.attr("games")
         problem = None

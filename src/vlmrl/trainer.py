@@ -199,7 +199,7 @@ def train(cfg: TrainConfig, task: Task | None = None, policy: VLMPolicy | None =
 
     collector = Collector(task, cfg.num_envs, cfg.seed, cfg.cot, rank, env_kwargs=cfg.env_kwargs,
                           group_size=ppo.group_size if grouped else None, history_length=cfg.history_length,
-                          env_workers=cfg.env_workers)
+                          env_workers=cfg.env_workers, env_timeout_s=cfg.env_timeout_s)
     buffer = RolloutBuffer(cfg.num_steps, cfg.num_envs)
     sampling = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
     shuffling = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 2)
@@ -543,7 +543,7 @@ def _held_out(task, policy, cfg: TrainConfig) -> dict[str, float]:
     agent = ModelPolicy(policy, task, cfg.cot, cfg.temperature, cfg.seed, cfg.max_new_tokens)
     r = evaluate(task, agent, cfg.eval_episodes, seed=cfg.seed, num_envs=min(cfg.eval_episodes, 32),
                  env_kwargs=cfg.env_kwargs, progress=False, history_length=cfg.history_length,
-                 env_workers=cfg.env_workers)
+                 env_workers=cfg.env_workers, env_timeout_s=cfg.env_timeout_s)
     return {M.EVAL_SUCCESS_RATE: r.success_rate, M.EVAL_SUCCESS_CI95_LOW: r.success_ci95[0],
             M.EVAL_SUCCESS_CI95_HIGH: r.success_ci95[1], M.EVAL_EPISODIC_RETURN: r.mean_return,
             M.EVAL_INVALID_ACTION_RATE: r.invalid_action_rate}

@@ -21,7 +21,8 @@ import torch
 
 from vlmrl.checkpoint import latest_checkpoint, list_checkpoints
 from vlmrl.cli import main
-from vlmrl.config import PolicyConfig
+from vlmrl.config import EvalConfig, PolicyConfig, TrainConfig
+from vlmrl.errors import UserError
 from vlmrl.evaluate import ExpertPolicy, RandomPolicy, evaluate
 from vlmrl.metrics import read_metrics
 from vlmrl.policy.model import VLMPolicy
@@ -170,6 +171,36 @@ def test_a_killed_worker_is_one_line_and_its_siblings_are_ended():
     assert "\n" not in str(err.value)
     assert not sibling.is_alive()  # nothing left running behind the error
     pool.close()  # and closing afterwards is harmless
+
+
+def test_a_worker_that_hangs_is_one_line_within_the_timeout_and_every_worker_is_ended():
+    pool = make_env_pool(get_task("NumberLine"), 4, workers=2, timeout=1.5)
+    pool.reset({i: (i, None) for i in range(4)})
+    sibling, stuck = pool.vec.processes
+    os.kill(stuck.pid, signal.SIGSTOP)  # alive, but it answers nothing: an env caught in a deadlock
+    t0 = time.perf_counter()
+    with pytest.raises(EnvWorkerError, match=r"worker process 1 \(pid \d+, envs 2-3\) did not answer a step within "
+                                             r"1.5 s") as err:
+        pool.step({i: 1 for i in range(4)})
+    assert time.perf_counter() - t0 < 10
+    message = str(err.value)
+    assert "\n" not in message and "env_timeout_s" in message and "--resume" in message
+    stuck.join(5), sibling.join(5)
+    assert not stuck.is_alive() and not sibling.is_alive()  # nothing left running, or stopped, behind it
+    pool.close()
+
+
+def test_an_env_timeout_without_workers_or_below_zero_is_one_line():
+    task = get_task("NumberLine")
+    with pytest.raises(UserError, match="env_timeout_s .* would be ignored with env_workers=0"):
+        make_env_pool(task, 2, workers=0, timeout=30)
+    with pytest.raises(UserError, match="env_timeout_s must be > 0"):
+        make_env_pool(task, 2, workers=1, timeout=0)
+    with pytest.raises(UserError, match="env_timeout_s .* would be ignored with env_workers 0"):
+        TrainConfig(env_timeout_s=30)
+    with pytest.raises(UserError, match="env_timeout_s must be > 0"):
+        EvalConfig(env_workers=2, env_timeout_s=-1)
+    assert EvalConfig(env_workers=2, env_timeout_s=30).env_timeout_s == 30
 
 
 def test_a_training_run_with_env_workers_logs_what_the_serial_one_logs(tiny_model, tmp_path):

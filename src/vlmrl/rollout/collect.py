@@ -83,16 +83,18 @@ class Collector:
 
     def __init__(self, task: Task, num_envs: int, seed: int, cot: bool = True, rank: int = 0,
                  env_kwargs: dict[str, Any] | None = None, group_size: int | None = None,
-                 history_length: int = 0, env_workers: int = 0):
+                 history_length: int = 0, env_workers: int = 0,
+                 env_timeout_s: float | None = None):
         """``group_size``: None for PPO's continuing rollouts (``collect``), G for group rollouts
         (``collect_groups``; ``num_envs`` must be a multiple of G). ``history_length`` K: each prompt
         carries the episode's last K steps (``tasks.base.Memory``). ``env_workers`` W: 0 steps the
-        envs here, one after another; W >= 1 in W worker processes (``vlmrl.rollout.pool``)."""
+        envs here, one after another; W >= 1 in W worker processes (``vlmrl.rollout.pool``), each of
+        which must answer a call within ``env_timeout_s`` seconds (None: 600)."""
         if group_size is not None and (group_size < 1 or num_envs % group_size):
             raise ValueError(f"num_envs ({num_envs}) must be a multiple of group_size ({group_size})")
         self.task, self.cot, self.num_envs = task, cot, num_envs
         self.seed, self.rank, self.group_size = seed, rank, group_size
-        self.pool = make_env_pool(task, num_envs, env_kwargs, env_workers)
+        self.pool = make_env_pool(task, num_envs, env_kwargs, env_workers, env_timeout_s)
         self.obs: list[Any] = [None] * num_envs
         self.infos: list[dict] = [{} for _ in range(num_envs)]
         # group rollouts reset every env at the start of each update instead

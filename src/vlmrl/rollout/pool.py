@@ -17,8 +17,9 @@ observation space and merge the infos into arrays, while the callers here step s
 per-env options (``{"game": i}``) and need each info as the env wrote it. What ``AsyncVectorEnv``
 gives is the rest: the processes, the pipes, ``call`` and ``close``.
 
-A worker that dies (killed, out of memory) or an env that raises inside one ends the call with an
-``EnvWorkerError``: one line naming the env, the process and what to do.
+A worker that dies (killed, out of memory), an env that raises inside one, or a worker that does not
+answer within ``timeout`` seconds (a hung env: a deadlocked engine, a lost socket) ends the call with
+an ``EnvWorkerError``: one line naming the env or the process and what to do.
 
 Workers start from a fork server (``WORKER_START_METHOD``), so, as with any spawned process, each
 imports the main script again (as ``__mp_main__``): a script that starts workers keeps its heavy
@@ -49,6 +50,10 @@ Transition = tuple[Any, float, bool, bool, dict]
 # forkserver, not fork: the trainer forks workers from a process that runs torch, tqdm and TensorBoard
 # threads, and a fork copies whatever lock one of them held at that moment
 WORKER_START_METHOD = "forkserver"
+
+#: seconds a worker may take over one call (start, reset, step, ...) before it counts as hung. Generous:
+#: an ALFWorld game loads and resets in 1-3 s, so a share of envs takes well under a minute even at load.
+DEFAULT_WORKER_TIMEOUT_S = 600.0
 
 
 class EnvWorkerError(UserError):
@@ -232,10 +237,12 @@ class WorkerEnvPool:
     """The envs in ``workers`` processes (Gymnasium's ``AsyncVectorEnv``), each stepping a contiguous
     share of them: worker ``w`` holds the envs of ``shares[w]``."""
 
-    def __init__(self, make: Callable[[], gym.Env], num_envs: int, workers: int, name: str = "env"):
+    def __init__(self, make: Callable[[], gym.Env], num_envs: int, workers: int, name: str = "env",
+                 timeout: float | None = None):
         from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 
         self.num_envs, self.name = num_envs, name
+        self.timeout = DEFAULT_WORKER_TIMEOUT_S if timeout is None else float(timeout)
         self.shares = [s.tolist() for s in np.array_split(np.arange(num_envs), min(workers, num_envs))]
         self._closed = False
         # the fork server (started once per process, on first use) imports this module and the tasks
@@ -256,7 +263,12 @@ class WorkerEnvPool:
         if self._closed:
             raise RuntimeError(f"the {self.name} env pool is closed")
         try:
-            replies = self.vec.call("run", op, payload)
+            self.vec.call_async("run", op, payload)
+            replies = self.vec.call_wait(timeout=self.timeout)
+        except multiprocessing.TimeoutError:
+            message = self._hung(op)
+            self._shutdown()
+            raise EnvWorkerError(message) from None
         except (EOFError, OSError) as e:  # a pipe to a dead worker: BrokenPipe, ConnectionReset, EOF
             message = self._death(e)  # before the shutdown, which ends the others too
             self._shutdown()
@@ -283,6 +295,16 @@ class WorkerEnvPool:
                 f"envs stopped; a training run continues from its last checkpoint with `vlmrl train --resume`. "
                 f"If workers keep dying (out of memory?), use fewer env_workers, or env_workers=0 to step the "
                 f"envs in this process")
+
+    def _hung(self, op: str) -> str:
+        # a worker that answered has its reply waiting in its pipe; the others are still inside the call
+        silent = [w for w, pipe in enumerate(self.vec.parent_pipes) if pipe is not None and not pipe.poll(0)]
+        w = silent[0] if silent else 0
+        p = self.vec.processes[w]
+        return (f"{self.name} env worker process {w} (pid {p.pid}, envs {_span(self.shares[w])}) did not answer a "
+                f"{op} within {self.timeout:g} s, so the envs stopped (an env that hangs?); a training run continues "
+                f"from its last checkpoint with `vlmrl train --resume`. If the env is only slow, raise "
+                f"env_timeout_s; env_workers=0 steps the envs in this process, where a hang can be inspected")
 
     def _env_error(self, w: int, what: dict[str, Any]) -> Exception:
         env = f"env {what['env']}" if what["env"] is not None else f"envs {_span(self.shares[w])}"
@@ -350,12 +372,19 @@ def _span(share: Sequence[int]) -> str:
     return f"{share[0]}-{share[-1]}" if len(share) > 1 else str(share[0])
 
 
-def make_env_pool(task, num_envs: int, env_kwargs: Mapping[str, Any] | None = None, workers: int = 0) -> EnvPool:
+def make_env_pool(task, num_envs: int, env_kwargs: Mapping[str, Any] | None = None, workers: int = 0,
+                  timeout: float | None = None) -> EnvPool:
     """``num_envs`` envs of ``task`` (``task.make_env(**env_kwargs)``): in this process when ``workers``
-    is 0, else in ``min(workers, num_envs)`` worker processes."""
+    is 0, else in ``min(workers, num_envs)`` worker processes, each of which must answer a call within
+    ``timeout`` seconds (None: ``DEFAULT_WORKER_TIMEOUT_S``)."""
     if workers < 0:
         raise UserError(f"env_workers must be >= 0 (0: the envs in this process), got {workers}")
     make = functools.partial(task.make_env, **dict(env_kwargs or {}))
     if workers == 0:
+        if timeout is not None:  # the serial pool cannot stop an env that hangs in its own process
+            raise UserError(f"env_timeout_s ({timeout}) applies to env worker processes only and would be ignored "
+                            "with env_workers=0: set env_workers >= 1, or leave env_timeout_s unset")
         return SerialEnvPool(make, num_envs)
-    return WorkerEnvPool(make, num_envs, workers, name=task.name)
+    if timeout is not None and not timeout > 0:
+        raise UserError(f"env_timeout_s must be > 0 seconds, got {timeout}")
+    return WorkerEnvPool(make, num_envs, workers, name=task.name, timeout=timeout)
