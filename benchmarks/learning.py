@@ -11,7 +11,9 @@ RL4VLM's (LLaVA-1.6-7B), with the SFT start, the random and expert rates on the 
 the issue's target and the wall time of each run. Everything is also written to ``<out>/learning.json``.
 
 ``--budget`` multiplies the recipe's SFT steps, demonstration episodes and PPO updates (1 = the recipe);
-``--set section.key=value`` overrides any recipe entry for every task (sections: sft, train, ppo).
+``--set section.key=value`` overrides any recipe entry for every task (sections: sft, train, ppo);
+``--recipe FILE`` runs one task with another recipe file (a variant, or your own), e.g.
+``--tasks Blackjack --recipe configs/recipes/blackjack-gigpo.toml``. Each run records its file.
 
 ``--seeds 0 1 2`` runs every row once per seed, each seed as its own process (this script with
 ``--seed S --out <out>/seed-S``, one torch thread each, at most ``--jobs`` at a time), and prints each row
@@ -49,12 +51,12 @@ RUN_LIMIT_SECONDS = 30 * 60  # each run should fit in half an hour on 2 CPU core
 # whose expert-only SFT is imperfect on its own. Measured figures: README, "The paper's table on a CPU".
 
 
-def recipe(task: str) -> dict[str, Any]:
+def recipe(task: str, path: str | Path | None = None) -> dict[str, Any]:
     """``{"sft": dict, "train": dict, "ppo": PPOConfig, "policy": ..., "eval": ..., "file": path}``: the
-    task's recipe file, checked."""
+    recipe file ``path`` (default: the task's, configs/recipes/<task>.toml), checked."""
     if task not in PAPER:
         raise UserError(f"no learning recipe for {task!r}: choose from {', '.join(PAPER)}")
-    path = demo.recipe_file(task)
+    path = demo.recipe_file(task) if path is None else Path(path)
     return {**demo.load_recipe(path), "file": str(path)}
 
 
@@ -267,6 +269,8 @@ def run_seeds(args: argparse.Namespace, out: Path) -> dict[str, Any]:
               str(args.episodes), "--model", args.model, "--threads", "1", "--quiet"]
     if args.set:
         common += ["--set", *args.set]
+    if args.recipe:
+        common += ["--recipe", str(Path(args.recipe).resolve())]
     run_seed_processes(__file__, common, args.seeds, args.jobs, out, "learning")
     parts = [json.loads((out / f"seed-{s}" / "learning.json").read_text()) for s in args.seeds]
     summary = {"budget": args.budget, "episodes": args.episodes, "seeds": list(args.seeds), **tables(parts),
@@ -297,6 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a recipe entry for every task, e.g. train.num_envs=8 ppo.lr=1e-4")
+    parser.add_argument("--recipe", default=None, metavar="FILE",
+                        help="with one task: this recipe file instead of configs/recipes/<task>.toml")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                         help="run nothing: print one table from the learning.json of earlier runs (e.g. "
@@ -316,7 +322,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
 
     tasks = [get_task(t).name for t in args.tasks]
-    recipes = {t: apply_overrides(scale(recipe(t), args.budget), args.set) for t in tasks}
+    if args.recipe and len(tasks) != 1:
+        parser.error("--recipe is one task's file: give that one task with --tasks")
+    recipes = {t: apply_overrides(scale(recipe(t, args.recipe), args.budget), args.set) for t in tasks}
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: pass --out with a new folder (nothing there is overwritten)")
@@ -336,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[learning] {task}, CoT {'on' if cot else 'off'} ...", flush=True)
             run = run_one(task, cot, recipes[task], out / f"{task}-{'cot' if cot else 'nocot'}", args.model,
                           args.seed, args.episodes, progress=not args.quiet)
+            run = {**run, "recipe": recipes[task]["file"]}
             runs.append(run)
             print(f"[learning] {task}, CoT {'on' if cot else 'off'}: {_pct(run['after'])}% after PPO "
                   f"(SFT {_pct(run['before'])}%), {run['seconds']['total'] / 60:.1f} min", flush=True)

@@ -106,6 +106,13 @@ def test_learning_recipes_reuse_the_demo_and_reject_bad_input(tmp_path):
         learning.apply_overrides(nl, ["train.num_env=8"])
     with pytest.raises(UserError, match="budget"):
         learning.scale(nl, 0)
+    # --recipe: one task's run from another file (a shipped variant here)
+    gigpo = learning.recipe("Blackjack", demo.RECIPES / "blackjack-gigpo.toml")
+    assert gigpo["ppo"].advantage == "gigpo" and gigpo["file"].endswith("blackjack-gigpo.toml")
+    with pytest.raises(SystemExit):  # argparse's one line: --recipe is one task's file
+        learning.main(["--tasks", "NumberLine", "EZPoints", "--recipe", gigpo["file"], "--out", str(tmp_path / "r")])
+    with pytest.raises(UserError, match="not found"):
+        learning.main(["--tasks", "Blackjack", "--recipe", str(tmp_path / "none.toml"), "--out", str(tmp_path / "r")])
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("keep me")
     with pytest.raises(UserError, match="not empty"):
@@ -117,6 +124,7 @@ def test_learning_table_over_seeds_runs_one_process_per_seed(tiny_model, tmp_pat
     learning = load_script("learning")
     out = tmp_path / "seeds"
     summary = learning.main(["--tasks", "NumberLine", "--cot", "on", "--seeds", "0", "1", "--jobs", "2",
+                             "--recipe", str(demo.RECIPES / "numberline.toml"),
                              "--budget", "0.01", "--episodes", "3", "--model", tiny_model, "--out", str(out),
                              "--set", "train.num_envs=2", "train.num_steps=1", "train.max_new_tokens=6",
                              "train.tensorboard=false", "sft.batch_size=4", "ppo.minibatch_size=2",
@@ -130,6 +138,7 @@ def test_learning_table_over_seeds_runs_one_process_per_seed(tiny_model, tmp_pat
         assert (out / f"seed-{seed}" / "NumberLine-cot" / "ppo" / "final" / "config.json").is_file()
         assert "NumberLine, CoT on" in (out / f"seed-{seed}.log").read_text()
         assert json.loads((out / f"seed-{seed}" / "NumberLine-cot" / "demo.json").read_text())["seed"] == seed
+        assert part["runs"][0]["recipe"] == str((demo.RECIPES / "numberline.toml").resolve())  # --recipe reached it
     # one row over the seeds: mean (min-max) of the per-seed figures
     after = [100 * p["runs"][0]["after"]["success_rate"] for p in parts]
     row = next(line for line in printed.splitlines() if line.startswith("| NumberLine | yes | 0 1 |"))
