@@ -71,11 +71,12 @@ def test_every_recipe_file_loads(path):
 
 
 def test_the_blackjack_gigpo_recipe_holds_the_measured_settings():
-    """configs/recipes/blackjack-gigpo.toml: blackjack.toml's SFT and update with GiGPO, groups of 4 and
-    360 updates (the README's Blackjack GiGPO rows were run with exactly these)."""
+    """configs/recipes/blackjack-gigpo.toml: blackjack.toml's update with GiGPO, groups of 4 and 360
+    updates, from its SFT with 4x the demonstrations and 2x the steps (the README's "longer SFT" GiGPO
+    rows, seeds 0-2, were run with these settings)."""
     base = demo.load_recipe(demo.recipe_file("Blackjack"))
     rec = demo.load_recipe(demo.recipe_file("Blackjack").with_name("blackjack-gigpo.toml"))
-    assert rec["sft"] == base["sft"]
+    assert rec["sft"] == {**base["sft"], "episodes": 6000, "steps": 4000}
     assert rec["train"] == {**base["train"], "total_updates": 360}
     group = dict(advantage="gigpo", group_size=4, value_clip=rec["ppo"].value_clip)
     assert rec["ppo"] == PPOConfig(**{**base["ppo"].__dict__, **group})
