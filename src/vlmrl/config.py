@@ -421,7 +421,6 @@ _CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
         ("seed", lambda v: v >= 0, ">= 0"),
         ("num_envs", lambda v: v >= 1, ">= 1"),
         ("env_workers", lambda v: v >= 0, ">= 0 (0: the envs in this process)"),
-        ("env_timeout_s", lambda v: v > 0, "> 0 seconds (null: 600)"),
         ("temperature", lambda v: v >= 0, ">= 0 (0: greedy)"),
         ("max_new_tokens", lambda v: v >= 1, ">= 1"),
     ],
@@ -430,7 +429,6 @@ _CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
         ("task", lambda v: bool(v.strip()), "a task name"),
         ("num_envs", lambda v: v >= 1, ">= 1"),
         ("env_workers", lambda v: v >= 0, ">= 0 (0: the envs in this process)"),
-        ("env_timeout_s", lambda v: v > 0, "> 0 seconds (null: 600)"),
         ("num_steps", lambda v: v >= 1, ">= 1"),
         ("total_updates", lambda v: v >= 1, ">= 1"),
         ("seed", lambda v: v >= 0, ">= 0"),
@@ -445,6 +443,19 @@ _CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool], str]]] = {
         ("log_samples", lambda v: v >= 0, ">= 0"),
     ],
 }
+
+
+def env_timeout_problem(timeout: float | None, workers: int, prefix: str = "") -> str | None:
+    """What is wrong with an env worker timeout of ``timeout`` s for ``workers`` env worker processes,
+    or None. The configs and ``rollout.pool.make_env_pool`` both ask this, so the rule is said once."""
+    if timeout is None:
+        return None
+    if workers == 0:  # the envs then run in this process, where nothing can stop one that hangs
+        return (f"{prefix}env_timeout_s ({timeout}) applies to env worker processes and would be ignored with "
+                f"{prefix}env_workers 0: set {prefix}env_workers >= 1, or leave {prefix}env_timeout_s null")
+    if not timeout > 0:
+        return f"{prefix}env_timeout_s must be > 0 seconds (null: 600), got {timeout!r}"
+    return None
 
 
 def _cross_checks(cfg: Any, prefix: str) -> list[str]:
@@ -474,10 +485,10 @@ def _cross_checks(cfg: Any, prefix: str) -> list[str]:
                 cfg.episodes + cfg.dagger_rounds * cfg.dagger_episodes >= DEMO_STRIDE:
             problems.append(f"{prefix}episodes + {prefix}dagger_rounds * {prefix}dagger_episodes must be < "
                             f"{DEMO_STRIDE:,}, or the policy's episodes would reuse another seed's")
-    if isinstance(cfg, (TrainConfig, EvalConfig)) and cfg.env_timeout_s is not None and cfg.env_workers == 0:
-        problems.append(f"{prefix}env_timeout_s ({cfg.env_timeout_s}) applies to env worker processes and would be "
-                        f"ignored with {prefix}env_workers 0: set {prefix}env_workers >= 1, or leave "
-                        f"{prefix}env_timeout_s null")
+    if isinstance(cfg, (TrainConfig, EvalConfig)):
+        problem = env_timeout_problem(cfg.env_timeout_s, cfg.env_workers, prefix)
+        if problem:
+            problems.append(problem)
     if isinstance(cfg, TrainConfig):
         batch = cfg.num_envs * cfg.num_steps
         if cfg.ppo.minibatch_size > batch:

@@ -192,7 +192,7 @@ def test_a_worker_that_hangs_is_one_line_within_the_timeout_and_every_worker_is_
 
 def test_an_env_timeout_without_workers_or_below_zero_is_one_line():
     task = get_task("NumberLine")
-    with pytest.raises(UserError, match="env_timeout_s .* would be ignored with env_workers=0"):
+    with pytest.raises(UserError, match="env_timeout_s .* would be ignored with env_workers 0"):
         make_env_pool(task, 2, workers=0, timeout=30)
     with pytest.raises(UserError, match="env_timeout_s must be > 0"):
         make_env_pool(task, 2, workers=1, timeout=0)

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import gymnasium as gym
 import numpy as np
 
+from vlmrl.config import env_timeout_problem
 from vlmrl.errors import UserError
 
 # reset requests: env index -> (seed or None, options or None); step requests: env index -> action
@@ -379,12 +380,10 @@ def make_env_pool(task, num_envs: int, env_kwargs: Mapping[str, Any] | None = No
     ``timeout`` seconds (None: ``DEFAULT_WORKER_TIMEOUT_S``)."""
     if workers < 0:
         raise UserError(f"env_workers must be >= 0 (0: the envs in this process), got {workers}")
+    problem = env_timeout_problem(timeout, workers)
+    if problem:
+        raise UserError(problem)
     make = functools.partial(task.make_env, **dict(env_kwargs or {}))
     if workers == 0:
-        if timeout is not None:  # the serial pool cannot stop an env that hangs in its own process
-            raise UserError(f"env_timeout_s ({timeout}) applies to env worker processes only and would be ignored "
-                            "with env_workers=0: set env_workers >= 1, or leave env_timeout_s unset")
         return SerialEnvPool(make, num_envs)
-    if timeout is not None and not timeout > 0:
-        raise UserError(f"env_timeout_s must be > 0 seconds, got {timeout}")
     return WorkerEnvPool(make, num_envs, workers, name=task.name, timeout=timeout)
